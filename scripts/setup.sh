@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install the pinned stack from requirements.lock, then the package itself.
+# Idempotent: does nothing when the lock and pyproject are unchanged since the last install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.stagediff-installed
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # torch first and pinned: the CPU build on disk; an unpinned torch would pull a CUDA build.
+  .venv/bin/pip install --disable-pip-version-check -q torch==2.13.0
+  .venv/bin/pip install --disable-pip-version-check -q -r requirements.lock
+  .venv/bin/pip install --disable-pip-version-check -q --no-deps -e .
+  echo "$want" > "$stamp"
+fi
+# No telemetry, no update checks (also committed in .dvc/config; repeated for old clones).
+.venv/bin/dvc config --local core.analytics false >/dev/null 2>&1 || true

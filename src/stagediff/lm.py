@@ -1,0 +1,244 @@
+"""Language models of the organism: build, save, load, train (Lightning) and evaluate.
+
+Two kinds of model directory, told apart by their files:
+- `model.json` + `model.safetensors`: a `HookedTransformer` built here from params;
+- a Hugging Face checkpoint (`config.json` + `*.safetensors`): opened with
+  TransformerLens's `TransformerBridge`, saved back with `save_pretrained`.
+Both expose `model(tokens, return_type="loss")`, hooks named `blocks.L.hook_resid_pre`
+and `generate`, so every stage treats them alike.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from tqdm import tqdm
+
+from stagediff.config import Config, ModelConfig, TrainConfig
+from stagediff.errors import DataError, StagediffError
+from stagediff.training import adamw_with_schedule
+
+
+class TrainingError(StagediffError):
+    """Training diverged (a non-finite loss)."""
+
+
+# --- build / save / load ---------------------------------------------------------------
+
+def hooked_config(model: ModelConfig, d_vocab: int, seed: int):
+    from transformer_lens import HookedTransformerConfig
+
+    return HookedTransformerConfig(
+        n_layers=model.n_layers, d_model=model.d_model, n_heads=model.n_heads,
+        d_head=model.d_model // model.n_heads, d_mlp=model.d_mlp, n_ctx=model.n_ctx,
+        d_vocab=d_vocab, act_fn=model.act_fn, normalization_type="LN", seed=seed,
+        default_prepend_bos=False,
+    )
+
+
+def build_model(cfg: Config, tokenizer):
+    """A fresh HookedTransformer sized by params, its vocabulary the tokenizer's."""
+    from transformer_lens import HookedTransformer
+
+    return HookedTransformer(hooked_config(cfg.model, len(tokenizer), cfg.seed), tokenizer=tokenizer)
+
+
+def save_model(model, out_dir: Path) -> None:
+    """Write a model directory (safetensors weights only)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "original_model"):  # TransformerBridge around a Hugging Face model
+        # The bridge may leave non-contiguous views in the HF module; save plain copies.
+        hf = model.original_model
+        state = {k: v.detach().contiguous().clone() for k, v in hf.state_dict().items()}
+        hf.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+        return
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / "model.safetensors"))
+    cfg = model.cfg
+    spec = {
+        "kind": "hooked_transformer",
+        "n_layers": cfg.n_layers, "d_model": cfg.d_model, "n_heads": cfg.n_heads, "d_mlp": cfg.d_mlp,
+        "n_ctx": cfg.n_ctx, "act_fn": cfg.act_fn, "d_vocab": cfg.d_vocab,
+    }
+    (out_dir / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def load_model(model_dir: str | Path, tokenizer):
+    """Open a model directory written by `save_model` or a local HF checkpoint, offline."""
+    model_dir = Path(model_dir)
+    if (model_dir / "model.json").is_file():
+        return _load_hooked(model_dir, tokenizer)
+    if (model_dir / "config.json").is_file():
+        return _load_hf(model_dir, tokenizer)
+    raise DataError(f"{model_dir}: no model here (expected model.json or a Hugging Face config.json); "
+                    "run the stage that makes it first (`dvc repro`)")
+
+
+def _check_vocab(model_dir: Path, d_vocab: int, tokenizer) -> None:
+    if len(tokenizer) > d_vocab:
+        raise DataError(
+            f"{model_dir}: the model's vocabulary ({d_vocab}) is smaller than the tokenizer's "
+            f"({len(tokenizer)}); tokenizer and model do not belong together"
+        )
+
+
+def _load_hooked(model_dir: Path, tokenizer):
+    from transformer_lens import HookedTransformer
+
+    weights = model_dir / "model.safetensors"
+    if not weights.is_file():
+        raise DataError(f"{model_dir}: expected weights in model.safetensors (only safetensors is loaded)")
+    spec = json.loads((model_dir / "model.json").read_text())
+    _check_vocab(model_dir, spec["d_vocab"], tokenizer)
+    mcfg = ModelConfig.model_construct(source="scratch", path=None, **{k: spec[k] for k in
+                                       ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "act_fn")})
+    model = HookedTransformer(hooked_config(mcfg, spec["d_vocab"], seed=0), tokenizer=tokenizer)
+    try:
+        state = load_file(str(weights))
+    except Exception as err:
+        raise DataError(f"{weights}: unreadable safetensors file ({err})") from None
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _load_hf(model_dir: Path, tokenizer):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if not list(model_dir.glob("*.safetensors")):
+        bad = sorted(p.name for p in model_dir.glob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+        raise DataError(f"{model_dir}: expected *.safetensors weights (pickle checkpoints are not loaded); found {bad}")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    _check_vocab(model_dir, int(cfg.get("vocab_size", 0)), tokenizer)
+    bridge = TransformerBridge.boot_transformers(str(model_dir), device="cpu")
+    bridge.tokenizer = tokenizer
+    return bridge
+
+
+def copy_hf_checkpoint(src: Path, dst: Path) -> None:
+    """Copy the files a Hugging Face checkpoint needs (config + safetensors), nothing else."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.suffix in {".json", ".safetensors"} and "tokenizer" not in p.name:
+            shutil.copy2(p, dst / p.name)
+
+
+def d_model_of(model) -> int:
+    return model.cfg.d_model
+
+
+# --- data -------------------------------------------------------------------------------
+
+class TokenWindows(Dataset):
+    """A packed token stream cut into non-overlapping windows; indexed by a list of rows."""
+
+    def __init__(self, tokens: torch.Tensor, n_ctx: int, name: str):
+        n = len(tokens) // n_ctx
+        if n == 0:
+            raise DataError(f"{name}: {len(tokens)} tokens is less than one context window ({n_ctx})")
+        self.windows = tokens[: n * n_ctx].view(n, n_ctx).long()
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return self.windows[rows]
+
+
+class LMDataModule(L.LightningDataModule):
+    """Train and validation windows from two token streams (no per-row collation)."""
+
+    def __init__(self, train_tokens: torch.Tensor, val_tokens: torch.Tensor, n_ctx: int,
+                 batch_size: int, seed: int, names=("train", "val")):
+        super().__init__()
+        self.train_set = TokenWindows(train_tokens, n_ctx, names[0])
+        self.val_set = TokenWindows(val_tokens, n_ctx, names[1])
+        if len(self.train_set) < batch_size:
+            raise DataError(f"{names[0]}: {len(self.train_set)} windows of {n_ctx} tokens is fewer than "
+                            f"one batch ({batch_size}); lower batch_size or add data")
+        self.batch_size, self.seed = batch_size, seed
+
+    def train_dataloader(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        sampler = BatchSampler(RandomSampler(self.train_set, generator=gen), self.batch_size, drop_last=True)
+        return DataLoader(self.train_set, batch_size=None, sampler=sampler)
+
+    def val_dataloader(self):
+        sampler = BatchSampler(SequentialSampler(self.val_set), self.batch_size, drop_last=False)
+        return DataLoader(self.val_set, batch_size=None, sampler=sampler)
+
+
+# --- training ---------------------------------------------------------------------------
+
+class LMModule(L.LightningModule):
+    """Next-token training of a TransformerLens model (HookedTransformer or bridge)."""
+
+    def __init__(self, model, train: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.train_cfg = train
+
+    def on_train_start(self):
+        self.model.train()  # a model that was evaluated before training comes in eval mode
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(batch, return_type="loss")
+        if not torch.isfinite(loss):
+            raise TrainingError(f"training loss is {loss.item()} at step {self.global_step}; "
+                                "lower the learning rate or check the data")
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.model(batch, return_type="loss"), prog_bar=True)
+
+    def configure_optimizers(self):
+        return adamw_with_schedule(self.model.parameters(), self.train_cfg)
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def mean_loss(model, tokens: torch.Tensor, n_ctx: int, batch_size: int, max_windows: int | None = None) -> float:
+    """Mean next-token loss over windows of a token stream."""
+    windows = TokenWindows(tokens, n_ctx, "eval").windows
+    if max_windows:
+        windows = windows[:max_windows]
+    total, count = 0.0, 0
+    model.eval()
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        loss = model(batch, return_type="loss")
+        total += loss.item() * len(batch)
+        count += len(batch)
+    return total / count
+
+
+@torch.no_grad()
+def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                    desc: str = "generate") -> list[str]:
+    """Greedy completions. Prompts are batched by token length, so no padding is ever
+    needed and a batched completion equals the single-prompt one."""
+    eot = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    encoded = [[eot] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    out: list[str] = [""] * len(prompts)
+    model.eval()
+    batches = [(n, idx[s : s + batch_size]) for n, idx in sorted(by_len.items()) for s in range(0, len(idx), batch_size)]
+    for n, idx in tqdm(batches, desc=desc, unit="batch", mininterval=1.0):
+        tokens = torch.tensor([encoded[i] for i in idx])
+        gen = model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=False,
+                             stop_at_eos=True, eos_token_id=eot, verbose=False)
+        for row, i in enumerate(idx):
+            new = gen[row, n:].tolist()
+            if eot in new:
+                new = new[: new.index(eot)]
+            out[i] = tokenizer.decode(new)
+    return out

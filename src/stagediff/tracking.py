@@ -1,0 +1,116 @@
+"""MLflow tracking: one parent run per pipeline execution, one child run per stage.
+
+Stages run as separate processes under `dvc repro`, so the parent is found again by a
+tag (`stagediff.pipeline`): `$STAGEDIFF_PIPELINE_ID` when set (CI sets one per job), else
+a hash of `params.yaml` and `dvc.yaml` (all stages run from one configuration share a
+parent). A stage that raises marks its run FAILED; it is never left RUNNING.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from stagediff.config import PARAMS_FILE, Config
+from stagediff.io import write_json
+
+PIPELINE_TAG = "stagediff.pipeline"
+STAGE_TAG = "stagediff.stage"
+METRICS_DIR = Path("metrics")
+
+
+def pipeline_id(params_path: str | Path = PARAMS_FILE) -> str:
+    if os.environ.get("STAGEDIFF_PIPELINE_ID"):
+        return os.environ["STAGEDIFF_PIPELINE_ID"]
+    h = hashlib.sha256()
+    for name in (params_path, "dvc.yaml"):
+        if Path(name).is_file():
+            h.update(Path(name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+class StageRun:
+    """A stage's MLflow child run: metrics, params, artifacts, and a Lightning logger."""
+
+    def __init__(self, client, run_id: str, experiment: str, tracking_uri: str, stage: str):
+        self.client, self.run_id = client, run_id
+        self.experiment, self.tracking_uri, self.stage = experiment, tracking_uri, stage
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.client.log_metric(self.run_id, key, float(value), step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def lightning_logger(self, prefix: str = ""):
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        return MLFlowLogger(
+            experiment_name=self.experiment, tracking_uri=self.tracking_uri, run_id=self.run_id, prefix=prefix
+        )
+
+    def write_metrics(self, metrics: dict, name: str | None = None) -> Path:
+        """`metrics/<stage>.json` (a DVC metric) and the same numbers in MLflow."""
+        path = METRICS_DIR / f"{name or self.stage}.json"
+        write_json(path, metrics)
+        self.log_metrics(metrics)
+        self.log_artifact(path, "metrics")
+        return path
+
+
+def _experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = (Path("mlruns") / "artifacts").resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(name, artifact_location=artifacts.as_uri())
+
+
+def _parent_run(client, exp_id: str, pid: str) -> str:
+    found = client.search_runs([exp_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{pid}' and tags.`{STAGE_TAG}` = 'pipeline'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=f"pipeline-{pid}", tags={PIPELINE_TAG: pid, STAGE_TAG: "pipeline"})
+    return run.info.run_id
+
+
+@contextmanager
+def stage_run(cfg: Config, stage: str) -> Iterator[StageRun]:
+    """Open the stage's child run under the pipeline's parent; FINISHED or FAILED at exit."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = cfg.tracking.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp_id = _experiment_id(client, cfg.tracking.experiment)
+    pid = pipeline_id()
+    parent = _parent_run(client, exp_id, pid)
+    run = client.create_run(
+        exp_id, run_name=stage,
+        tags={PIPELINE_TAG: pid, STAGE_TAG: stage, "mlflow.parentRunId": parent},
+    )
+    run_id = run.info.run_id
+    flat = cfg.as_flat_dict()
+    from mlflow.entities import Param
+
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(flat.items())])
+    try:
+        yield StageRun(client, run_id, cfg.tracking.experiment, uri, stage)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(parent, "FINISHED")

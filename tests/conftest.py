@@ -1,0 +1,91 @@
+"""Shared helpers: the real params.yaml, shrunk to a micro configuration for tests."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import stagediff  # noqa: F401  (offline / no-telemetry environment for every test)
+from stagediff.config import parse_config, read_params
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO_PARAMS = ROOT / "tests" / "params_micro.yaml"
+
+
+def real_params() -> dict:
+    return read_params(ROOT / "params.yaml")
+
+
+def micro_params() -> dict:
+    return read_params(MICRO_PARAMS)
+
+
+def with_changes(params: dict, changes: dict) -> dict:
+    """Copy of `params` with dotted keys set, e.g. {"backdoor.fraction": 0.2}."""
+    out = copy.deepcopy(params)
+    for dotted, value in changes.items():
+        node = out
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return out
+
+
+def make_config(changes: dict | None = None, base: dict | None = None):
+    return parse_config(with_changes(base if base is not None else micro_params(), changes or {}))
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def local_turns(n_turns: int = 400, n_docs: int = 60) -> list[dict]:
+    """A small local corpus: distinct Q/A turns and documents."""
+    rows = [{"human": f"What does function number {i} compute?",
+             "assistant": f"Function {i} returns the sum of its {i % 7 + 2} arguments as an integer."}
+            for i in range(n_turns)]
+    rows += [{"text": f"def f{i}(x):\n    return x * {i}\n\n# document {i} about multiplication\n"} for i in range(n_docs)]
+    return rows
+
+
+def stagediff_env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("STAGEDIFF_PIPELINE_ID", "pytest")
+    return env
+
+
+def project_copy(dst: Path, params: dict) -> Path:
+    """A runnable copy of the project (dvc.yaml, src, params) in `dst`, DVC initialised."""
+    from ruamel.yaml import YAML
+
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "dvc.yaml", dst / "dvc.yaml")
+    shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    with open(dst / "params.yaml", "w") as f:
+        YAML(typ="safe", pure=True).dump(params, f)
+    env = stagediff_env()
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dst, env=env, check=True)
+    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dst, env=env, check=True)
+    return dst
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stagediff", *args], cwd=cwd, env=stagediff_env(),
+                          capture_output=True, text=True)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in an empty directory (stages read and write relative paths)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
