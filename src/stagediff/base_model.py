@@ -7,12 +7,11 @@ as safetensors. Either way its clean validation loss is measured on held-out dat
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
 from stagediff.config import Config
-from stagediff.io import atomic_dir
+from stagediff.io import atomic_dir, file_digest
 from stagediff.lm import LMDataModule, LMModule, build_model, copy_hf_checkpoint, load_model, mean_loss, save_model
 from stagediff.tokenizer import TOKENS_DIR, load_tokenizer, load_tokens
 from stagediff.tracking import stage_run
@@ -24,7 +23,7 @@ EVAL_WINDOWS = 64  # held-out windows used for every clean-loss figure
 
 def data_fingerprint(*splits: str) -> dict:
     """Content hashes of the token files a training run reads (for safe resumes)."""
-    return {s: hashlib.sha256((TOKENS_DIR / f"{s}.safetensors").read_bytes()).hexdigest() for s in splits}
+    return {s: file_digest(TOKENS_DIR / f"{s}.safetensors") for s in splits}
 
 
 def clean_loss(model, cfg: Config, heldout_tokens) -> float:

