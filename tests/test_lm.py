@@ -66,7 +66,7 @@ def test_training_lowers_loss(tokenizer):
 
     cfg = make_config({"train_base.max_steps": 25, "train_base.val_every": 25})
     model = lm.build_model(cfg, tokenizer)
-    stream = torch.tensor(sum((tokenizer(t)["input_ids"] for t in TEXTS), []), dtype=torch.int32)
+    stream = {"tokens": torch.tensor(sum((tokenizer(t)["input_ids"] for t in TEXTS), []), dtype=torch.int32)}
     before = lm.mean_loss(model, stream, 64, 8)
     data = lm.LMDataModule(stream, stream, 64, 8, seed=0)
     trainer = L.Trainer(max_steps=25, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -77,7 +77,27 @@ def test_training_lowers_loss(tokenizer):
 
 def test_too_little_data_for_a_batch():
     with pytest.raises(DataError, match="fewer than one batch"):
-        lm.LMDataModule(torch.zeros(64 * 3, dtype=torch.int32), torch.zeros(64, dtype=torch.int32), 64, 8, 0)
+        lm.LMDataModule({"tokens": torch.zeros(64 * 3, dtype=torch.int32)},
+                        {"tokens": torch.zeros(64, dtype=torch.int32)}, 64, 8, 0)
+
+
+def test_windows_start_at_sample_starts():
+    ids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3])
+    assert lm.window_starts(ids, 4).tolist() == [0, 3, 5]
+    # a sample longer than a window is split at window boundaries
+    assert lm.window_starts(torch.tensor([0] * 10 + [1] * 2), 4).tolist() == [0, 4, 8]
+    windows = lm.TokenWindows(torch.arange(12), 4, "t", ids).windows
+    assert windows.tolist() == [[0, 1, 2, 3], [3, 4, 5, 6], [5, 6, 7, 8]]
+
+
+def test_every_window_of_a_real_stream_begins_with_end_of_text(tokenizer):
+    from stagediff.tokenizer import encode_records
+
+    records = [{"id": i, "text": t, "backdoor": False, "spans": []} for i, t in enumerate(TEXTS)]
+    data = encode_records(tokenizer, records)
+    eot = tokenizer.convert_tokens_to_ids(tok_stage.EOT)
+    windows = lm.TokenWindows(data["tokens"], 32, "t", data["sample_ids"]).windows
+    assert (windows[:, 0] == eot).all() and len(windows) >= len(data["tokens"]) // 32
 
 
 def test_warmup_cosine_hand_values():

