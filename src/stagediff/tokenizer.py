@@ -62,9 +62,16 @@ def load_tokenizer(path: str | Path = TOKENIZER_DIR):
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
+def separator_id(tokenizer) -> int:
+    """The end-of-text token that starts every sample (and ends generation)."""
+    if tokenizer.eos_token is None:
+        raise DataError(f"{tokenizer.name_or_path}: the tokenizer has no eos_token to separate samples with")
+    return tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+
+
 def encode_records(tokenizer, records: list[dict], desc: str = "") -> dict[str, torch.Tensor]:
     """Pack records into one stream: tokens, per-token labels and the sample index."""
-    eot = tokenizer.convert_tokens_to_ids(tokenizer.bos_token or tokenizer.eos_token)
+    eot = separator_id(tokenizer)
     ids_all, labels_all, sample_all = [], [], []
     batch = 256
     for start in tqdm(range(0, len(records), batch), desc=desc, unit="batch", mininterval=1.0):
