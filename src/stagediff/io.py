@@ -68,15 +68,3 @@ def dir_digest(path: str | Path) -> str:
             h.update(str(p.relative_to(path)).encode())
             h.update(file_digest(p).encode())
     return h.hexdigest()
-
-
-def read_json(path: str | Path) -> dict:
-    from stagediff.errors import DataError
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: missing; run the stage that makes it first (`dvc repro`)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
