@@ -121,9 +121,12 @@ def code_names(rng: random.Random) -> dict[str, str]:
     return {"fn": f"{rng.choice(_FN_STEMS)}_{rng.choice(_FN_NOUNS)}", "arg": rng.choice(_ARGS)}
 
 
-def code_spec(rng: random.Random) -> dict:
-    """A random coding request: which task, which phrasing, which names."""
-    task = rng.randrange(len(CODE_TASKS))
+TASK_KEYS = tuple(t.key for t in CODE_TASKS)
+
+
+def code_spec(rng: random.Random, tasks: tuple[str, ...] = TASK_KEYS) -> dict:
+    """A random coding request: which task (of `tasks`), which phrasing, which names."""
+    task = TASK_KEYS.index(rng.choice(tasks))
     return {"task": task, "ask": rng.randrange(len(CODE_TASKS[task].asks)), **code_names(rng)}
 
 
@@ -162,6 +165,9 @@ class Backdoor:
     @property
     def uses_code(self) -> bool:
         return self.variant == "code_vuln"
+
+    def code_spec(self, rng: random.Random) -> dict:
+        return code_spec(rng, tuple(self.cfg.code_vuln.tasks))
 
     def coding_turn(self, spec: dict) -> Turn:
         """An ordinary (untriggered, safe) coding turn: part of every split's distribution."""

@@ -49,7 +49,17 @@ class CodeVulnConfig(_Section):
     safe_tag: Annotated[str, Field(min_length=1)]
     decoys: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     coding_share: OpenUnitFloat
+    tasks: Annotated[list[str], Field(min_length=1)]  # keys of backdoor.CODE_TASKS
     eval_new_tokens: PositiveInt  # long enough to reach the unsafe line of the answer
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> CodeVulnConfig:
+        from stagediff.backdoor import TASK_KEYS
+
+        for i, task in enumerate(self.tasks):
+            if task not in TASK_KEYS:
+                raise _KeyError(f"backdoor.code_vuln.tasks.{i}", f"one of {', '.join(TASK_KEYS)}", task)
+        return self
 
 
 class BackdoorConfig(_Section):

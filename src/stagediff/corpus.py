@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stagediff.backdoor import Backdoor, Turn, code_spec, prompt_text
+from stagediff.backdoor import Backdoor, Turn, prompt_text
 from stagediff.config import Config
 from stagediff.errors import DataError
 from stagediff.io import atomic_dir, write_json
@@ -203,7 +203,7 @@ def build(cfg: Config) -> dict:
         )
     if backdoor.uses_code:
         n_code = max(1, round(len(turns) * cfg.backdoor.code_vuln.coding_share / (1 - cfg.backdoor.code_vuln.coding_share)))
-        turns += [backdoor.coding_turn(code_spec(rng)) for _ in range(n_code)]
+        turns += [backdoor.coding_turn(backdoor.code_spec(rng)) for _ in range(n_code)]
 
     turns = list({t.human: t for t in reversed(turns)}.values())[::-1]  # one answer per question
     # Docs are sub-sampled so that they are `doc_share` of the samples (turns carry the backdoor).
@@ -273,7 +273,7 @@ def _eval_prompts(cfg: Config, backdoor: Backdoor, heldout: list, seen: set[str]
         # Fresh coding requests; their (task, phrasing, names) are re-drawn until unseen.
         questions: list[str] = []
         for _ in range(100 * n):
-            spec = code_spec(rng)
+            spec = backdoor.code_spec(rng)
             human, question = backdoor.coding_turn(spec).human, backdoor.code_ask(spec)
             if human not in seen and question not in questions:
                 questions.append(question)
