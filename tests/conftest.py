@@ -89,3 +89,44 @@ def in_tmp(tmp_path, monkeypatch):
     """Run in an empty directory (stages read and write relative paths)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+TEXTS = [f"Human: What does `f{i}` do?\n\nAssistant: It adds {i} to x." for i in range(200)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A small BPE tokenizer trained on TEXTS (saved and reloaded, as the stage does)."""
+    from stagediff import tokenizer as tok_stage
+
+    tok = tok_stage.train_bpe(TEXTS, make_config({"tokenizer.vocab_size": 400}))
+    path = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(str(path))
+    return tok_stage.load_tokenizer(path)
+
+
+@pytest.fixture(scope="session")
+def model(tokenizer):
+    """An untrained micro HookedTransformer with the tokenizer's vocabulary."""
+    from stagediff import lm
+
+    return lm.build_model(make_config(), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory, tokenizer):
+    """A random 2-layer Llama saved as a local Hugging Face checkpoint (safetensors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stagediff.tokenizer import EOT
+
+    path = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=eot, eos_token_id=eot)
+    LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+    return path

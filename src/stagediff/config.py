@@ -151,7 +151,8 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Optimisation of one language-model training run (base or fine-tune)."""
+    """Optimisation of one training run: a language model (batch_size counts sequences)
+    or an SAE stage (batch_size counts activation vectors, i.e. tokens)."""
 
     max_steps: PositiveInt
     batch_size: PositiveInt
@@ -169,7 +170,45 @@ class EvalConfig(_Section):
 
 
 class ActivationsConfig(_Section):
+    """What the `activations` stage caches, and how."""
+
     hook: str
+    max_tokens: PositiveInt | None   # tokens read per cache (None: the whole split)
+    eval_windows: PositiveInt        # context windows per cache held out for SAE evaluation
+    exclude_special: bool            # drop end-of-text / padding positions
+    outlier_factor: PositiveFloat | None  # drop tokens with norm > factor x median norm; None keeps all
+    shard_tokens: PositiveInt        # activations per shard file (bounds memory when reading)
+    dtype: Literal["float16", "float32"]
+    batch_size: PositiveInt          # context windows per forward pass
+
+
+class SAEConfig(_Section):
+    """The dictionary every stage shares (a sae_lens training SAE)."""
+
+    architecture: Literal["standard", "topk", "batchtopk"]
+    d_sae: PositiveInt
+    k: PositiveInt                   # active latents per token (topk) or per token on average (batchtopk)
+    l1_coefficient: PositiveFloat    # standard only
+    l1_warm_up_steps: NonNegInt      # standard only
+    aux_loss_coefficient: Annotated[float, Field(ge=0)]  # topk/batchtopk: dead-latent auxiliary loss
+    decoder_init_norm: PositiveFloat
+    dead_feature_window: PositiveInt  # training steps without firing after which a latent counts as dead
+
+    @model_validator(mode="after")
+    def _check(self) -> SAEConfig:
+        if self.architecture != "standard" and self.k >= self.d_sae:
+            raise _KeyError("sae.k", f"fewer active latents than sae.d_sae ({self.d_sae})", self.k)
+        return self
+
+
+class SAEStagesConfig(_Section):
+    """Optimisation of each SAE stage (the comparison chains reuse M, F_via_D and F_via_M)."""
+
+    S: TrainConfig
+    D: TrainConfig
+    M: TrainConfig
+    F_via_D: TrainConfig
+    F_via_M: TrainConfig
 
 
 class TrackingConfig(_Section):
@@ -188,6 +227,8 @@ class Config(_Section):
     finetune: TrainConfig
     eval: EvalConfig
     activations: ActivationsConfig
+    sae: SAEConfig
+    sae_train: SAEStagesConfig
     tracking: TrackingConfig
 
     @model_validator(mode="after")
@@ -208,7 +249,7 @@ class Config(_Section):
 
     def as_flat_dict(self) -> dict[str, Any]:
         """`section.key` -> value, for MLflow params."""
-        return _flatten(self.model_dump())
+        return flatten(self.model_dump())
 
 
 class _KeyError(ValueError):
@@ -219,12 +260,12 @@ class _KeyError(ValueError):
         self.key, self.expected, self.got = key, expected, got
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out

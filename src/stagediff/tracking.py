@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from stagediff.config import PARAMS_FILE, Config
+from stagediff.config import PARAMS_FILE, Config, flatten
 from stagediff.io import write_json
 
 PIPELINE_TAG = "stagediff.pipeline"
 STAGE_TAG = "stagediff.stage"
 METRICS_DIR = Path("metrics")
+METRIC_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-. :/]")  # characters MLflow refuses in metric names
 
 
 def pipeline_id(params_path: str | Path = PARAMS_FILE) -> str:
@@ -40,9 +42,10 @@ class StageRun:
         self.experiment, self.tracking_uri, self.stage = experiment, tracking_uri, stage
 
     def log_metrics(self, metrics: dict, step: int = 0) -> None:
-        for key, value in metrics.items():
+        """Numeric values, nested dicts flattened to `outer.inner` keys."""
+        for key, value in flatten(metrics).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.client.log_metric(self.run_id, key, float(value), step=step)
+                self.client.log_metric(self.run_id, METRIC_NAME_BAD.sub("_", key), float(value), step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)

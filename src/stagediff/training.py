@@ -58,7 +58,8 @@ def checkpoint_dir(name: str, fingerprint: dict) -> Path:
     return path
 
 
-def fit(module, datamodule, train: TrainConfig, run, ckpt_name: str, fingerprint: dict, prefix: str = ""):
+def fit(module, datamodule, train: TrainConfig, run, ckpt_name: str, fingerprint: dict, prefix: str = "",
+        callbacks: tuple = ()):
     """Train with Lightning; resume from `checkpoints/<ckpt_name>/last.ckpt` if a killed run left one."""
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -66,7 +67,7 @@ def fit(module, datamodule, train: TrainConfig, run, ckpt_name: str, fingerprint
     ckpt_dir = checkpoint_dir(ckpt_name, fingerprint)
     last = ckpt_dir / "last.ckpt"
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="latest", every_n_train_steps=train.val_every,
-                                 save_top_k=1, save_last=True, enable_version_counter=False)]
+                                 save_top_k=1, save_last=True, enable_version_counter=False), *callbacks]
     if run is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = L.Trainer(

@@ -1,0 +1,88 @@
+"""Activation caching: peak host memory at two token counts (it must not grow with the
+number of tokens: shards are streamed to disk) and throughput next to the model's bare
+forward pass to the hook. Needs the default pipeline's base model and tokens (`dvc repro`).
+
+    python bench/activation_caching.py [--tokens 100000 400000]
+
+Each measurement runs in a fresh process (peak RSS is per process). Prints the figures and
+writes them as JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import stagediff  # noqa: F401  (offline / no-telemetry environment)
+
+
+def child(max_tokens: int, mode: str) -> dict:
+    import torch
+
+    from stagediff.activations import build_cache, hook_activations, plan_windows
+    from stagediff.config import load_config
+    from stagediff.layout import MODEL_DIRS
+    from stagediff.lm import load_model
+    from stagediff.tokenizer import load_tokenizer, load_tokens
+    from stagediff.training import setup_determinism
+
+    cfg = load_config()
+    cfg = cfg.model_copy(update={"activations": cfg.activations.model_copy(update={"max_tokens": max_tokens})})
+    setup_determinism(cfg)
+    tokenizer = load_tokenizer()
+    stream = load_tokens("base")
+    model = load_model(MODEL_DIRS["base"], tokenizer)
+    model.eval()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if mode == "cache":
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest = build_cache(model, tokenizer, stream, cfg, "base", "base", Path(tmp))
+        tokens = manifest["n_tokens"] + manifest["n_eval_tokens"]
+    else:  # the bare forward pass over the same windows, results discarded
+        plan = plan_windows(stream["sample_ids"], cfg.model.n_ctx, cfg.activations.eval_windows, max_tokens,
+                            cfg.seed, "base")
+        idx = torch.cat([plan["train"], plan["eval"]])
+        tokens = 0
+        with torch.no_grad():
+            for b in range(0, len(idx), cfg.activations.batch_size):
+                pos = plan["starts"][idx[b : b + cfg.activations.batch_size]].unsqueeze(1) + torch.arange(cfg.model.n_ctx)
+                hook_activations(model, stream["tokens"][pos].long(), cfg.activations.hook)
+                tokens += int(plan["own"][idx[b : b + cfg.activations.batch_size]].sum())
+    seconds = time.perf_counter() - start
+    return {"mode": mode, "max_tokens": max_tokens, "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_before_mb": rss_before / 1024}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[100_000, 400_000])
+    p.add_argument("--out", default="bench/results/activation_caching_cpu.json")
+    p.add_argument("--child", nargs=2, metavar=("MAX_TOKENS", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(int(args.child[0]), args.child[1])))
+        return
+    rows = []
+    for n in args.tokens:
+        for mode in ("cache", "forward"):
+            out = subprocess.run([sys.executable, __file__, "--child", str(n), mode], capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(out.stderr[-2000:])
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{mode:8s} {r['tokens']:>9,d} tokens  {r['tokens_per_s']:>9,.0f} tok/s  "
+                  f"peak RSS {r['peak_rss_mb']:,.0f} MB (after loading {r['rss_before_mb']:,.0f} MB)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The sparse autoencoder of every stage: a sae_lens training SAE, trained by Lightning.
+
+- `build_sae` makes the sae_lens training SAE that params ask for (standard/L1, TopK,
+  BatchTopK); its own `training_forward_pass` gives the loss.
+- `ActivationDataModule` streams a cache's shards; the batch of step t is a fixed function
+  of (seed, t), so a run resumed from a checkpoint sees the batches it would have seen.
+- `SAEModule` is the LightningModule: dead-latent tracking (fed to the TopK auxiliary
+  loss), sae_lens's coefficient warm-up, Adam with warm-up and decay, MLflow metrics.
+- An SAE directory holds the sae_lens format (`cfg.json` + `sae_weights.safetensors`,
+  normalisation folded in so `SAE.load_from_disk` works on raw activations) and
+  `training_state.safetensors`, the unfolded training weights a child stage starts from.
+
+SAEs train on activations multiplied by their cache's scaling factor (sqrt(d_in) / mean
+norm), as SAELens does, and the factor is folded into the saved inference weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, IterableDataset
+
+from stagediff.activations import ActivationCache
+from stagediff.config import SAEConfig, TrainConfig
+from stagediff.errors import DataError, StagediffError
+from stagediff.training import adamw_with_schedule
+
+TRAINING_STATE = "training_state.safetensors"
+STAGE_INFO = "stagediff.json"
+ADAM_BETAS = (0.9, 0.999)  # sae_lens's defaults
+
+
+class SAETrainingError(StagediffError):
+    """SAE training diverged (a non-finite loss)."""
+
+
+# --- the SAE ---------------------------------------------------------------------------------
+
+def build_sae(cfg: SAEConfig, d_in: int, metadata: dict | None = None):
+    """A freshly initialised sae_lens training SAE of the configured architecture."""
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    common = {"d_in": d_in, "d_sae": cfg.d_sae, "decoder_init_norm": cfg.decoder_init_norm,
+              "metadata": SAEMetadata(**(metadata or {}))}
+    if cfg.architecture == "standard":
+        return StandardTrainingSAE(StandardTrainingSAEConfig(
+            l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=cfg.l1_warm_up_steps, **common))
+    if cfg.architecture == "topk":
+        return TopKTrainingSAE(TopKTrainingSAEConfig(k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient, **common))
+    return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
+        k=float(cfg.k), aux_loss_coefficient=cfg.aux_loss_coefficient, **common))
+
+
+def save_sae(sae, out_dir: Path, scaling_factor: float, info: dict) -> None:
+    """Write the sae_lens inference format (normalisation folded in), the training weights
+    and `stagediff.json` (architecture, scaling factor, provenance)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in sae.state_dict().items()}, str(out_dir / TRAINING_STATE))
+    inference = copy.deepcopy(sae)
+    inference.fold_activation_norm_scaling_factor(scaling_factor)
+    if sae.cfg.architecture() == "batchtopk":
+        inference.save_inference_model(str(out_dir))  # a JumpReLU SAE with the learned threshold
+    else:
+        inference.save_model(str(out_dir))
+    meta = {"architecture": sae.cfg.architecture(), "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
+            "scaling_factor": scaling_factor, **info}
+    (out_dir / STAGE_INFO).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def read_stage_info(sae_dir: Path) -> dict:
+    path = Path(sae_dir) / STAGE_INFO
+    if not path.is_file():
+        raise DataError(f"{sae_dir}: no SAE stage output here (no {STAGE_INFO}); run its stage first (`dvc repro`)")
+    return json.loads(path.read_text())
+
+
+def load_training_state(sae, sae_dir: Path) -> None:
+    """Initialise `sae` with a parent stage's training weights (exactly, no refolding)."""
+    info = read_stage_info(sae_dir)
+    want = {"architecture": sae.cfg.architecture(), "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae}
+    got = {k: info.get(k) for k in want}
+    if got != want:
+        raise DataError(f"{sae_dir}: the parent SAE is {got}, this stage builds {want} "
+                        "(sae.* params or the cache's d_in changed since the parent was trained)")
+    try:
+        state = load_file(str(Path(sae_dir) / TRAINING_STATE))
+    except Exception as err:
+        raise DataError(f"{Path(sae_dir) / TRAINING_STATE}: unreadable ({err})") from None
+    sae.load_state_dict(state, strict=True)
+
+
+def load_inference_sae(sae_dir: Path):
+    """The saved SAE as users open it: `sae_lens.SAE.load_from_disk` (raw activations in)."""
+    from sae_lens import SAE
+
+    read_stage_info(sae_dir)
+    return SAE.load_from_disk(str(sae_dir), device="cpu")
+
+
+# --- data ------------------------------------------------------------------------------------
+
+class ShardBatches(IterableDataset):
+    """Normalised activation batches for steps start_step(), start_step()+1, ... forever.
+
+    Each epoch visits the shards in a seeded order and each shard's rows in a seeded
+    order; only one shard is in memory at a time."""
+
+    def __init__(self, cache: ActivationCache, batch_size: int, seed: int, start_step: Callable[[], int]):
+        self.cache, self.batch_size, self.seed, self.start_step = cache, batch_size, seed, start_step
+        self.batches_per_shard = [n // batch_size for n in cache.shard_sizes]
+        self.per_epoch = sum(self.batches_per_shard)
+        if self.per_epoch == 0:
+            raise DataError(f"{cache.path}: no shard holds a full batch of {batch_size} activations "
+                            f"(shards of {max(cache.shard_sizes)}); lower the batch size or cache more tokens")
+
+    def locate(self, step: int) -> tuple[int, int, int]:
+        """(epoch, shard, batch within shard) of a global step."""
+        epoch, k = divmod(step, self.per_epoch)
+        order = torch.randperm(len(self.batches_per_shard), generator=torch.Generator().manual_seed(self.seed + epoch))
+        for shard in order.tolist():
+            if k < self.batches_per_shard[shard]:
+                return epoch, shard, k
+            k -= self.batches_per_shard[shard]
+        raise AssertionError("unreachable")
+
+    def __iter__(self):
+        step = self.start_step()
+        loaded, acts, rows = None, None, None
+        scale = self.cache.scaling_factor
+        while True:
+            epoch, shard, k = self.locate(step)
+            if loaded != (epoch, shard):
+                acts = self.cache.shard(shard)["acts"]
+                gen = torch.Generator().manual_seed((self.seed + 1) * 1_000_003 + epoch * 10_007 + shard)
+                rows = torch.randperm(len(acts), generator=gen)
+                loaded = (epoch, shard)
+            yield acts[rows[k * self.batch_size : (k + 1) * self.batch_size]].float() * scale
+            step += 1
+
+
+class ActivationDataModule(L.LightningDataModule):
+    """Training batches streamed from a cache's shards; validation on its held-out set."""
+
+    def __init__(self, cache: ActivationCache, batch_size: int, seed: int):
+        super().__init__()
+        self.cache, self.batch_size, self.seed = cache, batch_size, seed
+        self.val_acts = cache.eval_set()["acts"].float() * cache.scaling_factor
+
+    def train_dataloader(self):
+        def start_step() -> int:
+            return self.trainer.global_step if self.trainer is not None else 0
+
+        return DataLoader(ShardBatches(self.cache, self.batch_size, self.seed, start_step), batch_size=None)
+
+    def val_dataloader(self):
+        return DataLoader(list(torch.split(self.val_acts, self.batch_size)), batch_size=None)
+
+
+# --- training --------------------------------------------------------------------------------
+
+class SAEModule(L.LightningModule):
+    """Trains a sae_lens training SAE with its own loss."""
+
+    def __init__(self, sae, train: TrainConfig, dead_feature_window: int):
+        super().__init__()
+        from sae_lens.saes.sae import TrainCoefficientConfig
+        from sae_lens.training.optim import CoefficientScheduler
+
+        self.sae, self.train_cfg, self.dead_feature_window = sae, train, dead_feature_window
+        self.register_buffer("steps_since_fired", torch.zeros(sae.cfg.d_sae))
+        self.coefficients = {}
+        for name, coeff in sae.get_coefficients().items():
+            if not isinstance(coeff, TrainCoefficientConfig):
+                coeff = TrainCoefficientConfig(value=coeff, warm_up_steps=0)
+            self.coefficients[name] = CoefficientScheduler(warm_up_steps=coeff.warm_up_steps, final_value=coeff.value)
+
+    def dead_mask(self) -> torch.Tensor:
+        """Latents silent for more than the window (sae_lens's rule; drives the aux loss)."""
+        return self.steps_since_fired > self.dead_feature_window
+
+    def silent_mask(self) -> torch.Tensor:
+        """Latents silent over the last window, or the whole run when it was shorter:
+        the dead features to report at the end of a stage."""
+        return self.steps_since_fired >= min(self.dead_feature_window, max(int(self.global_step), 1))
+
+    def training_step(self, batch, batch_idx):
+        from sae_lens.saes.sae import TrainStepInput
+
+        out = self.sae.training_forward_pass(TrainStepInput(
+            sae_in=batch, coefficients={n: s.value for n, s in self.coefficients.items()},
+            dead_neuron_mask=self.dead_mask(), n_training_steps=self.global_step, is_logging_step=False))
+        if not torch.isfinite(out.loss):
+            raise SAETrainingError(f"SAE training loss is {out.loss.item()} at step {self.global_step}; "
+                                   "lower the learning rate or check the activations")
+        with torch.no_grad():
+            active = out.feature_acts > 0
+            self.steps_since_fired += 1
+            self.steps_since_fired[active.any(0)] = 0
+            self.log("train/loss", out.loss, prog_bar=True)
+            if self.global_step % self.trainer.log_every_n_steps == 0:  # the rest only when it is logged
+                self.log_dict({f"train/{k}": v for k, v in out.losses.items()})
+                self.log_dict({"train/explained_variance": explained_variance(batch, out.sae_out),
+                               "train/l0": active.float().sum(-1).mean(),
+                               "train/dead_fraction": self.dead_mask().float().mean()}, prog_bar=True)
+        return out.loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        for scheduler in self.coefficients.values():
+            scheduler.step()
+
+    def validation_step(self, batch, batch_idx):
+        recon = self.sae(batch)
+        self.log_dict({"val/mse": (recon - batch).pow(2).sum(-1).mean(),
+                       "val/explained_variance": explained_variance(batch, recon)})
+
+    def configure_optimizers(self):
+        return adamw_with_schedule(self.sae.parameters(), self.train_cfg, betas=ADAM_BETAS)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["coefficient_schedulers"] = {n: s.state_dict() for n, s in self.coefficients.items()}
+
+    def on_load_checkpoint(self, checkpoint):
+        for name, state in checkpoint.get("coefficient_schedulers", {}).items():
+            self.coefficients[name].load_state_dict(state)
+
+
+def explained_variance(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance explained: 1 - sum ||x - recon||^2 / sum ||x - mean(x)||^2."""
+    residual = (x - recon).pow(2).sum()
+    total = (x - x.mean(0)).pow(2).sum()
+    return 1 - residual / total
