@@ -28,7 +28,7 @@ def parse_args():
     p.add_argument("--cache", default="data/activations/base-base", help="activation cache to train on")
     p.add_argument("--synthetic", action="store_true", help="use random activations instead of a cache")
     p.add_argument("--d-in", type=int, default=128, help="with --synthetic")
-    p.add_argument("--d-sae", type=int, default=1024)
+    p.add_argument("--d-sae", type=int, default=512)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--architecture", default="topk", choices=["standard", "topk", "batchtopk"])
     p.add_argument("--batch", type=int, default=2048)
@@ -105,7 +105,7 @@ def sae_lens_trainer(cache, args) -> float:
     torch.manual_seed(0)
     sae = build_sae(sae_cfg(args), cache.d_in)
     cfg = SAETrainerConfig(total_training_samples=(total + 1) * args.batch, train_batch_size_samples=args.batch,
-                           lr=1e-3, lr_warm_up_steps=5, lr_scheduler_name="cosineannealing", lr_decay_steps=total,
+                           lr=1e-3, lr_end=1e-4, lr_warm_up_steps=5, lr_scheduler_name="cosineannealing", lr_decay_steps=total,
                            dead_feature_window=100, logger=LoggingConfig(log_to_wandb=False))
     SAETrainer(cfg, sae, provider()).fit()
     return args.steps * args.batch / (marks["end"] - marks["start"])
@@ -146,7 +146,7 @@ def main():
                                shard_tokens=n // 2)
             cache = ActivationCache(Path(tmp) / "c")
         else:
-            cache = ActivationCache(args.cache)
+            cache = ActivationCache(Path(args.cache).resolve())
         args.d_in = cache.d_in
         result = {
             "config": {k: v for k, v in vars(args).items() if k != "out"},

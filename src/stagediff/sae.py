@@ -206,12 +206,22 @@ class SAEModule(L.LightningModule):
             self.steps_since_fired += 1
             self.steps_since_fired[active.any(0)] = 0
             self.log("train/loss", out.loss, prog_bar=True)
-            if self.global_step % self.trainer.log_every_n_steps == 0:  # the rest only when it is logged
-                self.log_dict({f"train/{k}": v for k, v in out.losses.items()})
-                self.log_dict({"train/explained_variance": explained_variance(batch, out.sae_out),
-                               "train/l0": active.float().sum(-1).mean(),
-                               "train/dead_fraction": self.dead_mask().float().mean()}, prog_bar=True)
+            step = self.global_step + 1  # Lightning writes logs when this is a multiple of log_every_n_steps
+            last = step == self.train_cfg.max_steps
+            if step % self.trainer.log_every_n_steps == 0 or last:  # the rest only when it is written
+                details = {f"train/{k}": v for k, v in out.losses.items()}
+                details.update({"train/explained_variance": explained_variance(batch, out.sae_out),
+                                "train/l0": active.float().sum(-1).mean(),
+                                "train/dead_fraction": self.dead_mask().float().mean()})
+                self.log_dict(details, prog_bar=True)
+                if last:
+                    self.final_metrics = {"train/loss": float(out.loss), **{k: float(v) for k, v in details.items()}}
         return out.loss
+
+    def on_train_end(self):
+        # A run shorter than Lightning's logging interval would leave no curve at all.
+        if self.logger is not None and getattr(self, "final_metrics", None):
+            self.logger.log_metrics(self.final_metrics, step=self.global_step)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         for scheduler in self.coefficients.values():
