@@ -102,6 +102,16 @@ def test_k_must_be_below_d_sae():
         sae_config(d_sae=16, k=16)
 
 
+def test_l1_warms_up_from_scratch_but_not_in_a_fine_tune_and_resumes_at_its_step():
+    cfg = sae_config("standard", l1_coefficient=4.0, l1_warm_up_steps=100)
+    scratch = SAEModule(build_sae(cfg, 8), train_config(), 10)
+    assert scratch.coefficients["l1"].value == 0.0
+    fine_tune = SAEModule(build_sae(cfg, 8), train_config(), 10, fine_tune=True)
+    assert fine_tune.coefficients["l1"].value == 4.0
+    scratch.on_load_checkpoint({"global_step": 40})  # 40 completed steps of a 100-step warm-up
+    assert scratch.coefficients["l1"].value == pytest.approx(4.0 * 40 / 100)
+
+
 def test_explained_variance_hand_case():
     x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
     recon = torch.tensor([[0.5, 0.0], [-0.5, 0.0]])

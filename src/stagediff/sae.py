@@ -170,7 +170,9 @@ class ActivationDataModule(L.LightningDataModule):
 class SAEModule(L.LightningModule):
     """Trains a sae_lens training SAE with its own loss."""
 
-    def __init__(self, sae, train: TrainConfig, dead_feature_window: int):
+    def __init__(self, sae, train: TrainConfig, dead_feature_window: int, fine_tune: bool = False):
+        """`fine_tune`: the SAE continues a parent's training, so loss coefficients (L1)
+        start at their final value instead of warming up from zero again."""
         super().__init__()
         from sae_lens.saes.sae import TrainCoefficientConfig
         from sae_lens.training.optim import CoefficientScheduler
@@ -181,7 +183,8 @@ class SAEModule(L.LightningModule):
         for name, coeff in sae.get_coefficients().items():
             if not isinstance(coeff, TrainCoefficientConfig):
                 coeff = TrainCoefficientConfig(value=coeff, warm_up_steps=0)
-            self.coefficients[name] = CoefficientScheduler(warm_up_steps=coeff.warm_up_steps, final_value=coeff.value)
+            warm_up = 0 if fine_tune else coeff.warm_up_steps
+            self.coefficients[name] = CoefficientScheduler(warm_up_steps=warm_up, final_value=coeff.value)
 
     def dead_mask(self) -> torch.Tensor:
         """Latents silent for more than the window (sae_lens's rule; drives the aux loss)."""
@@ -235,12 +238,11 @@ class SAEModule(L.LightningModule):
     def configure_optimizers(self):
         return adamw_with_schedule(self.sae.parameters(), self.train_cfg, betas=ADAM_BETAS)
 
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["coefficient_schedulers"] = {n: s.state_dict() for n, s in self.coefficients.items()}
-
     def on_load_checkpoint(self, checkpoint):
-        for name, state in checkpoint.get("coefficient_schedulers", {}).items():
-            self.coefficients[name].load_state_dict(state)
+        # The schedulers step once per completed step. (Their own state in a checkpoint would
+        # lag by one: ModelCheckpoint saves before this module's on_train_batch_end runs.)
+        for scheduler in self.coefficients.values():
+            scheduler.load_state_dict({"current_step": checkpoint["global_step"]})
 
 
 def explained_variance(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,20 @@ def resolve(stage: str, chain: str) -> tuple[str, str, str | None]:
     return (CHAIN_MODELS[chain] if model == "chain" else model), data, parent
 
 
+def check_cache_is_current(cache: ActivationCache, cfg: Config, model_kind: str) -> None:
+    """Refuse a cache built with other activation settings or from another version of the
+    model (possible when a stage is run by hand after a failed or changed activations run)."""
+    stale = []
+    if cache.manifest.get("activations") != cfg.activations.model_dump():
+        stale.append(f"built with activations settings {cache.manifest.get('activations')}, params say "
+                     f"{cfg.activations.model_dump()}")
+    if cache.manifest.get("model_digest") != dir_digest(MODEL_DIRS[model_kind]):
+        stale.append(f"built from another version of {MODEL_DIRS[model_kind]}")
+    if stale:
+        raise DataError(f"{cache.path}: stale activation cache ({'; '.join(stale)}); "
+                        f"rerun `dvc repro activations@{model_kind}`")
+
+
 # --- evaluation --------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -143,9 +157,7 @@ def run(cfg: Config, stage: str, chain: str = "main") -> dict:
     train_cfg = getattr(cfg.sae_train, stage)
     setup_determinism(cfg)
     cache = ActivationCache(cache_dir(model_kind, data))
-    if cache.hook != cfg.activations.hook:
-        raise DataError(f"{cache.path}: cached at {cache.hook!r} but activations.hook is {cfg.activations.hook!r}; "
-                        "rerun the activations stage")
+    check_cache_is_current(cache, cfg, model_kind)
     parent_dir = sae_dir(parent, chain) if parent else None
     with stage_run(cfg, name) as tracker:
         sae = build_sae(cfg.sae, cache.d_in, metadata={
@@ -157,7 +169,7 @@ def run(cfg: Config, stage: str, chain: str = "main") -> dict:
                        "shards": [s["sha256"] for s in cache.manifest["shards"]],
                        "parent": dir_digest(parent_dir) if parent_dir else None}
         start = time.perf_counter()
-        module = SAEModule(sae, train_cfg, cfg.sae.dead_feature_window)
+        module = SAEModule(sae, train_cfg, cfg.sae.dead_feature_window, fine_tune=parent_dir is not None)
         fit(module, ActivationDataModule(cache, train_cfg.batch_size, cfg.seed), train_cfg, tracker,
             name, fingerprint)
         seconds = time.perf_counter() - start
