@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -73,8 +74,6 @@ def stagediff_trainer(cache, args) -> float:
     torch.manual_seed(0)
     module = SAEModule(build_sae(sae_cfg(args), cache.d_in), train_cfg(args), 100)
     with tempfile.TemporaryDirectory() as tmp:
-        import os
-
         cwd = os.getcwd()
         os.chdir(tmp)
         try:

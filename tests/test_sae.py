@@ -4,6 +4,7 @@ fine-tuning keeps feature indices aligned on a synthetic dictionary."""
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from conftest import make_config
 from stagediff.activations import ActivationCache, write_tensor_cache
@@ -122,9 +123,10 @@ def test_decoder_cosines_and_alignment_summary_hand_case():
     cos = decoder_cosines(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
                           torch.tensor([[1.0, 1.0], [0.0, -2.0], [3.0, 0.0]]))
     assert torch.allclose(cos, torch.tensor([2**-0.5, -1.0, 1.0]))
-    summary = alignment_summary(cos, torch.tensor([True, False, True]))
+    summary = alignment_summary(cos, -cos, torch.tensor([True, False, True]))
     assert summary["alignment_median_cos_S"] == pytest.approx(2**-0.5)  # lower median of the two alive
     assert summary["alignment_share_aligned"] == 0.5
+    assert summary["alignment_median_cos_parent"] == pytest.approx(-1.0)
     with pytest.raises(DataError, match="different shapes"):
         decoder_cosines(torch.zeros(3, 2), torch.zeros(4, 2))
 
@@ -172,22 +174,17 @@ class _Kill(Exception):
     pass
 
 
-class _KillAt:
-    """A Lightning callback that dies at a given step (a stand-in for SIGKILL mid-run)."""
+class _StepWatch(Callback):
+    """Records the first step a run trains; dies at `kill_at` (a stand-in for SIGKILL mid-run)."""
 
-    def __init__(self, step):
-        from lightning.pytorch.callbacks import Callback
+    def __init__(self, kill_at=None):
+        self.kill_at, self.first_step = kill_at, None
 
-        outer = self
-
-        class Impl(Callback):
-            def on_train_batch_start(self, trainer, *args):
-                outer.first_step = outer.first_step if outer.first_step is not None else trainer.global_step
-                if step is not None and trainer.global_step == step:
-                    raise _Kill()
-
-        self.first_step = None
-        self.callback = Impl()
+    def on_train_batch_start(self, trainer, *args):
+        if self.first_step is None:
+            self.first_step = trainer.global_step
+        if trainer.global_step == self.kill_at:
+            raise _Kill()
 
 
 def _train(cache, ckpt_name, train, callbacks=()):
@@ -201,11 +198,10 @@ def _train(cache, ckpt_name, train, callbacks=()):
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run_does(in_tmp, small_cache):
     train = train_config(max_steps=12, batch_size=50, val_every=4, val_batches=1, warmup_steps=2)
     unbroken, _ = _train(small_cache, "unbroken", train)
-    killer = _KillAt(6)
     with pytest.raises(_Kill):
-        _train(small_cache, "resumed", train, [killer.callback])
-    watcher = _KillAt(None)
-    resumed, trainer = _train(small_cache, "resumed", train, [watcher.callback])
+        _train(small_cache, "resumed", train, [_StepWatch(kill_at=6)])
+    watcher = _StepWatch()
+    resumed, trainer = _train(small_cache, "resumed", train, [watcher])
     assert watcher.first_step == 4  # the last checkpoint before the kill
     assert trainer.global_step == 12
     for key, value in unbroken.sae.state_dict().items():
@@ -256,7 +252,7 @@ def test_fine_tuning_keeps_indices_aligned_and_rotates_only_changed_features(tmp
     w_s, w_d = s_sae.W_dec.detach(), d_sae.W_dec.detach()
     cos = decoder_cosines(w_s, w_d)
     alive = ~d_module.silent_mask()
-    summary = alignment_summary(cos, alive)
+    summary = alignment_summary(cos, cos, alive)
     assert summary["alignment_median_cos_S"] > 0.9
     # features that S learned for the turned atoms (best match > 0.9) rotated; the others did not
     match = torch.nn.functional.normalize(w_s, dim=1) @ atoms.T

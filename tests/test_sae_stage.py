@@ -32,11 +32,12 @@ def zero_sae(d: int):
 
 def test_reconstruction_metrics_hand_cases():
     x = torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.0, 1.0]])
-    perfect = reconstruction_metrics(identity_sae(3), x, scaling_factor=2.0)
+    perfect, fires = reconstruction_metrics(identity_sae(3), x, scaling_factor=2.0)
+    assert fires.tolist() == [2, 0, 1, 0, 1, 0]  # latents +x0, +x1, +x2, -x0, -x1, -x2
     assert perfect["mse"] == 0 and perfect["explained_variance"] == 1
     assert perfect["l0"] == 2.0  # two non-zero coordinates per row
     assert perfect["eval_dead_fraction"] == pytest.approx(3 / 6)  # +x[1], -x[0], -x[2] never fire
-    nothing = reconstruction_metrics(zero_sae(3), x, scaling_factor=2.0)
+    nothing, _ = reconstruction_metrics(zero_sae(3), x, scaling_factor=2.0)
     # per-token squared error in normalised units: (1 + 4 + 0 + 9 + 0 + 1) / 2 tokens * 2^2
     assert nothing["mse"] == pytest.approx(15 / 2 * 4)
     total = ((x - x.mean(0)) ** 2).sum().item()  # 2 + 2 + 0.5

@@ -32,7 +32,6 @@ from stagediff.layout import DATA_SPLITS, MODEL_DIRS, MODEL_KINDS, cache_dir
 
 MANIFEST = "manifest.json"
 EVAL_FILE = "eval.safetensors"
-PER_TOKEN = ("tokens", "labels", "sample_ids", "stream_pos")
 
 
 # --- planning which tokens to cache --------------------------------------------------------

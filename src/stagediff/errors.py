@@ -11,3 +11,7 @@ class ConfigError(StagediffError):
 
 class DataError(StagediffError):
     """A missing, malformed or inconsistent input file."""
+
+
+class TrainingError(StagediffError):
+    """Training diverged (a non-finite loss); the message names the step."""

@@ -21,12 +21,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from tqdm import tqdm
 
 from stagediff.config import Config, ModelConfig, TrainConfig
-from stagediff.errors import DataError, StagediffError
+from stagediff.errors import DataError, TrainingError
 from stagediff.training import adamw_with_schedule
-
-
-class TrainingError(StagediffError):
-    """Training diverged (a non-finite loss)."""
 
 
 # --- build / save / load ---------------------------------------------------------------

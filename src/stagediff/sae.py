@@ -28,16 +28,12 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from stagediff.activations import ActivationCache
 from stagediff.config import SAEConfig, TrainConfig
-from stagediff.errors import DataError, StagediffError
+from stagediff.errors import DataError, TrainingError
 from stagediff.training import adamw_with_schedule
 
 TRAINING_STATE = "training_state.safetensors"
 STAGE_INFO = "stagediff.json"
 ADAM_BETAS = (0.9, 0.999)  # sae_lens's defaults
-
-
-class SAETrainingError(StagediffError):
-    """SAE training diverged (a non-finite loss)."""
 
 
 # --- the SAE ---------------------------------------------------------------------------------
@@ -202,7 +198,7 @@ class SAEModule(L.LightningModule):
             sae_in=batch, coefficients={n: s.value for n, s in self.coefficients.items()},
             dead_neuron_mask=self.dead_mask(), n_training_steps=self.global_step, is_logging_step=False))
         if not torch.isfinite(out.loss):
-            raise SAETrainingError(f"SAE training loss is {out.loss.item()} at step {self.global_step}; "
+            raise TrainingError(f"SAE training loss is {out.loss.item()} at step {self.global_step}; "
                                    "lower the learning rate or check the activations")
         with torch.no_grad():
             active = out.feature_acts > 0

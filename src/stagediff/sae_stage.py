@@ -59,9 +59,10 @@ def check_cache_is_current(cache: ActivationCache, cfg: Config, model_kind: str)
 # --- evaluation --------------------------------------------------------------------------------
 
 @torch.no_grad()
-def reconstruction_metrics(sae, acts: torch.Tensor, scaling_factor: float, batch_size: int = 4096) -> dict:
-    """MSE (per token, in normalised units), fraction of variance explained, L0 and the
-    firing count of every latent, for an inference SAE on raw activations."""
+def reconstruction_metrics(sae, acts: torch.Tensor, scaling_factor: float,
+                           batch_size: int = 4096) -> tuple[dict, torch.Tensor]:
+    """MSE (per token, in normalised units), fraction of variance explained and L0 of an
+    inference SAE on raw activations, and the firing count of every latent."""
     sq_err, fires, l0_sum = 0.0, torch.zeros(sae.cfg.d_sae, dtype=torch.long), 0.0
     for chunk in torch.split(acts, batch_size):
         feats = sae.encode(chunk)
@@ -78,8 +79,7 @@ def reconstruction_metrics(sae, acts: torch.Tensor, scaling_factor: float, batch
         "l0": l0_sum / n,
         "eval_dead_fraction": float((fires == 0).float().mean()),
         "eval_tokens": n,
-        "_fires": fires,
-    }
+    }, fires
 
 
 @torch.no_grad()
@@ -120,12 +120,14 @@ def decoder_cosines(w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(w_a.double(), w_b.double(), dim=1).float()
 
 
-def alignment_summary(cos: torch.Tensor, alive: torch.Tensor) -> dict:
-    alive_cos = cos[alive]
-    if len(alive_cos) == 0:
-        return {"alignment_median_cos_S": float("nan"), "alignment_share_aligned": float("nan")}
-    return {"alignment_median_cos_S": float(alive_cos.median()),
-            "alignment_share_aligned": float((alive_cos > ALIGNED_COS).float().mean())}
+def alignment_summary(cos_s: torch.Tensor, cos_parent: torch.Tensor, alive: torch.Tensor) -> dict:
+    """Median cosine to S and to the parent over alive features, and the share aligned with S."""
+    if not alive.any():
+        return {k: float("nan") for k in ("alignment_median_cos_S", "alignment_share_aligned",
+                                          "alignment_median_cos_parent")}
+    return {"alignment_median_cos_S": float(cos_s[alive].median()),
+            "alignment_share_aligned": float((cos_s[alive] > ALIGNED_COS).float().mean()),
+            "alignment_median_cos_parent": float(cos_parent[alive].median())}
 
 
 def feature_table(alive: torch.Tensor, fires: torch.Tensor, n_tokens: int, cos_s: torch.Tensor | None,
@@ -182,8 +184,7 @@ def run(cfg: Config, stage: str, chain: str = "main") -> dict:
                 "train_steps": train_cfg.max_steps, "train_tokens": train_cfg.max_steps * train_cfg.batch_size})
             inference = load_inference_sae(tmp)  # evaluate exactly what users will load
             eval_set = cache.eval_set()
-            metrics = reconstruction_metrics(inference, eval_set["acts"].float(), cache.scaling_factor)
-            fires = metrics.pop("_fires")
+            metrics, fires = reconstruction_metrics(inference, eval_set["acts"].float(), cache.scaling_factor)
             alive = ~module.silent_mask()  # fired within the dead-feature window (or the run, if shorter)
             metrics["dead_fraction"] = float(1 - alive.float().mean())
             metrics["alive_features"] = int(alive.sum())
@@ -196,8 +197,7 @@ def run(cfg: Config, stage: str, chain: str = "main") -> dict:
             if parent_dir is not None:
                 cos_parent = decoder_cosines(load_inference_sae(parent_dir).W_dec.detach(), w_dec)
                 cos_s = decoder_cosines(load_inference_sae(sae_dir("S")).W_dec.detach(), w_dec)
-                metrics.update(alignment_summary(cos_s, alive))
-                metrics["alignment_median_cos_parent"] = alignment_summary(cos_parent, alive)["alignment_median_cos_S"]
+                metrics.update(alignment_summary(cos_s, cos_parent, alive))
             feature_table(alive, fires, len(eval_set["acts"]), cos_s, cos_parent).to_csv(tmp / "features.csv", index=False)
         metrics.update({"stage": stage, "chain": chain, "model": model_kind, "data": data,
                         "architecture": cfg.sae.architecture, "d_sae": cfg.sae.d_sae})
