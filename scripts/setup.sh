@@ -16,3 +16,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 # No telemetry, no update checks (also committed in .dvc/config; repeated for old clones).
 .venv/bin/dvc config --local core.analytics false >/dev/null 2>&1 || true
+# Headless Chromium renders the HTML report in its test (Debian's package; needs root and apt).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+  else
+    echo "setup: chromium not installed (apt-get install chromium); the report-rendering test will be skipped" >&2
+  fi
+fi

