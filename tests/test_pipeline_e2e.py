@@ -172,7 +172,7 @@ def test_validation_diff_and_report(pipeline):
     diff = json.loads((pipeline / "metrics/diff.json").read_text())
     assert DIFF_KEYS <= set(diff), DIFF_KEYS - set(diff)
     assert set(diff["methods"]) == {"stagewise", "data_only", "control", "crosscoder", "model_step_only",
-                                    "data_step_only"}
+                                    "data_step_only", "stagewise_by_max"}  # micro ranks by sum
     for method, scores in diff["methods"].items():
         assert 0 < scores["n_alive"] <= 128 and 0 <= scores["base_rate"] <= 1, method
     table = pd.read_csv(pipeline / "data/diff/features_stagewise.csv")

