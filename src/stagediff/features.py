@@ -55,14 +55,17 @@ def cache_rows(cache, chunk: int = ROW_CHUNK) -> Rows:
 
 
 @torch.no_grad()
-def feature_stats(encode: Callable[[torch.Tensor], torch.Tensor], rows: Rows, d_sae: int, vocab_size: int) -> FeatureStats:
+def feature_stats(encode: Callable[[torch.Tensor], torch.Tensor], rows: Rows, d_sae: int, vocab_size: int,
+                  desc: str = "") -> FeatureStats:
     """One pass over `rows`: per-feature totals, backdoor share and per-token sums."""
+    from tqdm import tqdm
+
     total = torch.zeros(d_sae, dtype=torch.float64)
     backdoor = torch.zeros(d_sae, dtype=torch.float64)
     fires = torch.zeros(d_sae, dtype=torch.long)
     per_token = torch.zeros(vocab_size, d_sae, dtype=torch.float64)
     n_rows = 0
-    for chunk in rows:
+    for chunk in tqdm(rows, desc=desc or "feature statistics", unit="chunk", mininterval=2.0, disable=not desc):
         acts = encode(chunk["acts"]).double()
         total += acts.sum(0)
         backdoor += acts[chunk["labels"] > 0].sum(0)
