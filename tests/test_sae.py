@@ -2,6 +2,8 @@
 normalisation folding, exact parent initialisation, streamed batches, resume, and that
 fine-tuning keeps feature indices aligned on a synthetic dictionary."""
 
+import json
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -52,6 +54,8 @@ def test_saved_sae_loads_with_sae_lens_and_works_on_raw_activations(tmp_path, ar
     save_sae(sae, tmp_path, scale, {"stage": "S"})
     loaded = SAE.load_from_disk(str(tmp_path))
     assert loaded.cfg.architecture() == architecture
+    keys = list(json.loads((tmp_path / "cfg.json").read_text()))
+    assert keys == sorted(keys)  # the same SAE gives the same bytes in every process
     x = torch.randn(50, 8) * 3
     with torch.no_grad():
         expected = sae(x * scale) / scale  # the training SAE sees normalised activations

@@ -36,19 +36,23 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically (temp file in the same directory, then rename)."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (temp file in the same directory, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON atomically, keys sorted (the same object always gives the same bytes)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def file_digest(path: str | Path) -> str:

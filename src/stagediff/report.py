@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from stagediff.config import Config
-from stagediff.io import atomic_dir
+from stagediff.io import atomic_dir, write_text
 
 STAGE = "report"
 REPORT_DIR = Path("report")
@@ -245,11 +245,11 @@ def run(cfg: Config) -> dict:
             "precision_at_k.png": precision_figure(diff_metrics["methods"], cfg.diff.ks),
         }
         page = render(cfg, diff_metrics, validation, tables, cards, sae_rows, figures)
-        with atomic_dir(REPORT_DIR) as tmp:
-            (tmp / "figures").mkdir()
+        # figures, then the page, each replaced atomically (report/ itself also holds DVC's .gitignore)
+        with atomic_dir(REPORT_DIR / "figures") as tmp:
             for name, png in figures.items():
-                (tmp / "figures" / name).write_bytes(png)
-            (tmp / "index.html").write_text(page)
+                (tmp / name).write_bytes(png)
+        write_text(REPORT_DIR / "index.html", page)
         tracker.log_artifact(REPORT_DIR, "report")
         tracker.log_artifact(OUT_DIR, "tables")
         tracker.log_metrics({"report_bytes": len(page)})

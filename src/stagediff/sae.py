@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from stagediff.activations import ActivationCache
 from stagediff.config import SAEConfig, TrainConfig
 from stagediff.errors import DataError, TrainingError
+from stagediff.io import write_json
 from stagediff.training import adamw_with_schedule
 
 TRAINING_STATE = "training_state.safetensors"
@@ -67,6 +68,10 @@ def save_sae(sae, out_dir: Path, scaling_factor: float, info: dict) -> None:
         inference.save_inference_model(str(out_dir))  # a JumpReLU SAE with the learned threshold
     else:
         inference.save_model(str(out_dir))
+    # sae_lens writes cfg.json's keys in an order that varies between processes; sorted,
+    # the same SAE always gives the same bytes (DVC sees no change on a rerun).
+    cfg_file = out_dir / "cfg.json"
+    write_json(cfg_file, json.loads(cfg_file.read_text()))
     meta = {"architecture": sae.cfg.architecture(), "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
             "scaling_factor": scaling_factor, **info}
     (out_dir / STAGE_INFO).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
