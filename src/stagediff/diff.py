@@ -39,14 +39,9 @@ FINAL_STAGES = ("F_via_D", "F_via_M")
 
 
 def _alive(stage: str, chain: str) -> torch.Tensor:
-    import pandas as pd
+    from stagediff.validate import read_features
 
-    from stagediff.errors import DataError
-
-    path = sae_dir(stage, chain) / "features.csv"
-    if not path.is_file():
-        raise DataError(f"{path}: missing; run its SAE stage first (`dvc repro`)")
-    return torch.tensor(pd.read_csv(path)["alive"].to_numpy(), dtype=torch.bool)
+    return torch.tensor(read_features(stage, chain)["alive"].to_numpy(), dtype=torch.bool)
 
 
 def chain_geometry(chain: str) -> dict[str, torch.Tensor]:
@@ -109,7 +104,7 @@ def feature_table(n: int, columns: dict, ranked: torch.Tensor, truth: torch.Tens
     rank[ranked] = torch.arange(1, len(ranked) + 1)
     table = pd.DataFrame({"feature": range(n), **{k: (v.numpy() if isinstance(v, torch.Tensor) else v)
                                                   for k, v in columns.items()}})
-    table["rank"] = pd.Series(rank.numpy(), dtype="Int64").mask(table.index.isin([]) | (rank.numpy() <= 0))
+    table["rank"] = pd.Series(rank.numpy(), dtype="Int64").mask(rank.numpy() <= 0)
     table["selective"] = truth.numpy()
     return table
 

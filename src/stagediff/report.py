@@ -217,8 +217,7 @@ def run(cfg: Config) -> dict:
 
     from stagediff.diff import OUT_DIR
     from stagediff.tracking import stage_run
-    from stagediff.validate import require_passed
-    from stagediff.validate import sae_stages
+    from stagediff.validate import require_passed, sae_stages
     from stagediff.layout import sae_stage_name
 
     validation = require_passed(STAGE)

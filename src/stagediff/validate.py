@@ -101,9 +101,11 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _read_features(path: Path):
+def read_features(stage: str, chain: str):
+    """An SAE stage's per-feature table (`features.csv`: alive, frequency, cosines)."""
     import pandas as pd
 
+    path = sae_dir(stage, chain) / "features.csv"
     if not path.is_file():
         raise DataError(f"{path}: missing; run its SAE stage first (`dvc repro`)")
     return pd.read_csv(path)
@@ -252,7 +254,7 @@ def run(cfg: Config) -> dict:
             if SAE_PLAN[stage][2] is None:
                 continue
             name = sae_stage_name(stage, chain)
-            table = _read_features(sae_dir(stage, chain) / "features.csv")
+            table = read_features(stage, chain)
             validator.check(f"alignment:{name}", table[table["alive"]].reset_index(drop=True),
                             alignment_expectations(cfg, gx, name))
         failures = validator.failures()
