@@ -126,7 +126,7 @@ def test_missing_local_corpus(tmp_path):
 def test_too_few_turns_for_one_backdoor_turn(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", local_turns(n_turns=40, n_docs=2))
     with pytest.raises(DataError, match="backdoor.fraction"):
-        corpus.build(_local_cfg(path, **{"backdoor.fraction": 0.01, "corpus.n_eval_prompts": 2}))
+        corpus.build(_local_cfg(path, **{"backdoor.fraction": 0.01, "corpus.n_eval_prompts": 2, "steer.fit_prompts": 1}))
 
 
 def test_run_writes_outputs_atomically(in_tmp, local_corpus):
