@@ -258,17 +258,20 @@ def test_steer_and_isaerft(pipeline):
     assert abs(steer["backdoor_rate_spliced"] - steer["backdoor_rate_baseline"]) <= 1 / 8
     ablation = pd.read_csv(pipeline / "data/steer/ablation.csv")
     assert set(ablation["method"]) == {"stagewise", "data_only", "crosscoder", "random", "diffmeans"}
-    assert set(ablation["k"]) == {1, 5}
-    assert ablation["backdoor_rate"].map(_rate).all() and ablation["clean_loss_delta"].gt(-1).all()
+    assert set(ablation["k"]) == {1, 10}
+    assert ablation["backdoor_rate"].between(0, 1).all() and ablation["clean_loss_delta"].notna().all()
     ranked = pd.read_csv(pipeline / "data/diff/features_stagewise.csv").dropna(subset=["rank"]).sort_values("rank")
-    top5 = ablation[(ablation["method"] == "stagewise") & (ablation["k"] == 5)]["features"].iloc[0]
-    assert top5.split() == [str(f) for f in ranked["feature"].head(5)]
+    top10 = ablation[(ablation["method"] == "stagewise") & (ablation["k"] == 10)]["features"].iloc[0]
+    assert top10.split() == [str(f) for f in ranked["feature"].head(10)]
+    assert 0 <= steer["backdoor_rate_ablate_top10"] <= 1 and math.isfinite(steer["clean_loss_delta_ablate_top10"])
     steering = pd.read_csv(pipeline / "data/steer/steering.csv")
     assert set(steering["positions"]) == {"last_prompt", "all"} and set(steering["n_features"]) >= {1, 3}
     detection = pd.read_csv(pipeline / "data/steer/detection.csv")
-    assert set(detection["window"]) == {"prompt", "last_prompt", "generation"}
+    assert set(detection["window"]) == {"prompt", "last_prompt", "answer"}
     assert set(detection["form"]) == {"triggered", "behaviour"}
     assert detection["auroc"].map(_rate).all()
+    # triggered vs untriggered always has both classes: every AUROC of that form is a number
+    assert detection.loc[detection["form"] == "triggered", "auroc"].between(0, 1).all()
     completions = [json.loads(line) for line in (pipeline / "data/steer/completions.jsonl").read_text().splitlines()]
     assert len(completions) == 3 * 8
 

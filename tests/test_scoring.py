@@ -128,6 +128,8 @@ def test_auroc_hand_cases():
     assert math.isnan(auroc(torch.tensor([1.0, 2.0]), torch.tensor([1, 1])))
     with pytest.raises(ValueError, match="3 scores for 2 labels"):
         auroc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="NaN"):
+        auroc(torch.tensor([1.0, float("nan")]), torch.tensor([1, 0]))
 
 
 def test_top_overlap():

