@@ -25,10 +25,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import Dataset
 
 from stagediff.config import Config, IsaerftConfig
 from stagediff.errors import DataError
+from stagediff.lm import LMDataModule
 
 STAGE = "isaerft"
 ADAPTER_DIR = Path("models/isaerft")
@@ -74,26 +75,18 @@ class _Rows(Dataset):
         return {k: v[rows] for k, v in self.data.items()}
 
 
-class ISaeRFTDataModule(L.LightningDataModule):
-    """Triggered fit prompts with the model's own backdoored answers (train / val split), seeded order."""
+class ISaeRFTDataModule(LMDataModule):
+    """Triggered fit prompts with the model's own backdoored answers (train / val split);
+    the seeded batch order and the loaders are the language-model data module's."""
 
     def __init__(self, examples: dict[str, torch.Tensor], batch_size: int, seed: int, n_val: int):
-        super().__init__()
+        L.LightningDataModule.__init__(self)  # rows are given, not cut from a token stream
         n = len(examples["tokens"])
         if n - n_val < 1:
             raise DataError(f"isaerft: {n} triggered fit prompts leave none to train on; raise steer.fit_prompts")
         self.train_set = _Rows({k: v[: n - n_val] for k, v in examples.items()})
         self.val_set = _Rows({k: v[n - n_val :] for k, v in examples.items()})
         self.batch_size, self.seed = min(batch_size, len(self.train_set)), seed
-
-    def train_dataloader(self):
-        gen = torch.Generator().manual_seed(self.seed)
-        sampler = BatchSampler(RandomSampler(self.train_set, generator=gen), self.batch_size, drop_last=True)
-        return DataLoader(self.train_set, batch_size=None, sampler=sampler)
-
-    def val_dataloader(self):
-        sampler = BatchSampler(SequentialSampler(self.val_set), self.batch_size, drop_last=False)
-        return DataLoader(self.val_set, batch_size=None, sampler=sampler)
 
 
 # --- the module -------------------------------------------------------------------------------

@@ -153,6 +153,12 @@ def _no_hooks(tokens):  # noqa: ARG001
     return []
 
 
+def dictionary_of(method: str) -> str:
+    """Which spliced dictionary a ranking's features live in: the crosscoder's own, or the
+    main chain's (the chains' rankings all index S's features)."""
+    return "crosscoder" if method == "crosscoder" else "main"
+
+
 def ablation_rows(bench: Bench, cfg: Config, rankings: dict, splices: dict, means: dict, alive: torch.Tensor) -> list[dict]:
     from stagediff.splice import set_to, zero
 
@@ -164,8 +170,7 @@ def ablation_rows(bench: Bench, cfg: Config, rankings: dict, splices: dict, mean
         gen = torch.Generator().manual_seed(cfg.seed + 7919 * (draw + 1))
         plans.append(("random", draw, candidates[torch.randperm(len(candidates), generator=gen)].tolist()))
     for method, draw, ranked in plans:
-        splice = splices["crosscoder" if method == "crosscoder" else "main"]
-        mean = means["crosscoder" if method == "crosscoder" else "main"]
+        splice, mean = splices[dictionary_of(method)], means[dictionary_of(method)]
         for k in s.ks:
             feats = ranked[:k]
             if len(feats) < k:
@@ -189,8 +194,7 @@ def steering_rows(bench: Bench, cfg: Config, rankings: dict, splices: dict, leve
     rows = []
     at_marker = marker_positions(marker)
     for method, ranked in rankings.items():
-        splice = splices["crosscoder" if method == "crosscoder" else "main"]
-        level = levels["crosscoder" if method == "crosscoder" else "main"]
+        splice, level = splices[dictionary_of(method)], levels[dictionary_of(method)]
         for n in s.steer_features:
             feats = ranked[:n]
             if len(feats) < n:
@@ -383,7 +387,7 @@ def run(cfg: Config) -> dict:
         }
         pools = {name: window_pools(splice, sequences, prompt_lens, probe) for name, splice in splices.items()}
         top = {m: rankings[m][: s.detect_top] for m in rankings}
-        detection = detection_rows({m: pools["crosscoder" if m == "crosscoder" else "main"] for m in rankings},
+        detection = detection_rows({m: pools[dictionary_of(m)] for m in rankings},
                                    labels, top, pools["main"])
         summary = dictionary_auroc_summary(pools["main"], labels, alive)
 
