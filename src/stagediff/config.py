@@ -287,6 +287,43 @@ class IsaerftConfig(_Section):
     n_cards: PositiveInt                   # feature cards of the most-moved latents
 
 
+METRIC_RE = re.compile(r"^[A-Za-z0-9_@\-]+:[^:\s]+$")
+
+
+class GateCheck(_Section):
+    """One regression check of `stagediff gate` on `metrics/<file>.json`'s `key`."""
+
+    metric: str                            # "<file>:<key>", nested keys joined by dots
+    better: Literal["higher", "lower"]
+    min: float | None = None               # absolute thresholds
+    max: float | None = None
+    tolerance: Annotated[float, Field(ge=0)] | None = None  # allowed regression against the baseline
+
+    @model_validator(mode="after")
+    def _check(self) -> GateCheck:
+        if not METRIC_RE.match(self.metric):
+            raise _KeyError("metric", "'<metrics file>:<key>', e.g. 'sae_S:explained_variance'", self.metric)
+        if self.min is None and self.max is None and self.tolerance is None:
+            raise _KeyError("metric", f"at least one of min, max, tolerance for {self.metric!r}", self.metric)
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise _KeyError("min", f"min <= max ({self.max}) for {self.metric!r}", self.min)
+        return self
+
+
+class GateConfig(_Section):
+    baseline: str | None                   # a git revision (e.g. HEAD) or a directory of metrics files; null: none
+    checks: list[GateCheck]
+
+    @model_validator(mode="after")
+    def _unique(self) -> GateConfig:
+        seen = set()
+        for i, check in enumerate(self.checks):
+            if check.metric in seen:
+                raise _KeyError(f"gate.checks.{i}.metric", "each metric checked once", check.metric)
+            seen.add(check.metric)
+        return self
+
+
 class TrackingConfig(_Section):
     tracking_uri: Annotated[str, Field(min_length=1)]
     experiment: Annotated[str, Field(min_length=1)]
@@ -311,6 +348,7 @@ class Config(_Section):
     steer: SteerConfig
     isaerft: IsaerftConfig
     tracking: TrackingConfig
+    gate: GateConfig
 
     @model_validator(mode="after")
     def _hook_exists(self) -> Config:
@@ -383,6 +421,8 @@ def _describe(error: dict) -> str:
         return f"{key}: missing; every setting must be written in {PARAMS_FILE}"
     ctx_err = (error.get("ctx") or {}).get("error")
     if isinstance(ctx_err, _KeyError):
+        if key != "<top level>" and not ctx_err.key.startswith(key):  # a validator of a list item names its field
+            return f"{key}.{ctx_err}"
         return str(ctx_err)
     return f"{key}: expected {error['msg'].removeprefix('Input should be ').removeprefix('Value error, ')}; got {error.get('input')!r}"
 

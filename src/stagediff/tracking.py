@@ -3,7 +3,9 @@
 Stages run as separate processes under `dvc repro`, so the parent is found again by a
 tag (`stagediff.pipeline`): `$STAGEDIFF_PIPELINE_ID` when set (CI sets one per job), else
 a hash of `params.yaml` and `dvc.yaml` (all stages run from one configuration share a
-parent). A stage that raises marks its run FAILED; it is never left RUNNING.
+parent). A stage that raises marks its run FAILED. A stage killed outright (SIGKILL, OOM)
+cannot; its run records host and pid, and the stage's next start marks it FAILED, so no
+run is left RUNNING.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +23,7 @@ from stagediff.io import write_json
 
 PIPELINE_TAG = "stagediff.pipeline"
 STAGE_TAG = "stagediff.stage"
+HOST_TAG, PID_TAG = "stagediff.host", "stagediff.pid"
 METRICS_DIR = Path("metrics")
 METRIC_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-. :/]")  # characters MLflow refuses in metric names
 
@@ -87,6 +91,30 @@ def _parent_run(client, exp_id: str, pid: str) -> str:
     return run.info.run_id
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def fail_dead_runs(client, exp_id: str, stage: str) -> list[str]:
+    """Mark FAILED the stage's runs left RUNNING by a process of this host that no longer exists."""
+    host = socket.gethostname()
+    found = client.search_runs([exp_id], filter_string=f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'RUNNING'")
+    dead = []
+    for run in found:
+        tags = run.data.tags
+        if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit() and not _alive(int(tags[PID_TAG])):
+            client.set_tag(run.info.run_id, "stagediff.end", "process died without closing the run (killed)")
+            client.set_terminated(run.info.run_id, "FAILED")
+            dead.append(run.info.run_id)
+    return dead
+
+
 @contextmanager
 def stage_run(cfg: Config, stage: str) -> Iterator[StageRun]:
     """Open the stage's child run under the pipeline's parent; FINISHED or FAILED at exit."""
@@ -101,9 +129,12 @@ def stage_run(cfg: Config, stage: str) -> Iterator[StageRun]:
     exp_id = _experiment_id(client, cfg.tracking.experiment)
     pid = pipeline_id()
     parent = _parent_run(client, exp_id, pid)
+    for dead in fail_dead_runs(client, exp_id, stage):
+        print(f"{stage}: MLflow run {dead} was left RUNNING by a killed process; marked FAILED")
     run = client.create_run(
         exp_id, run_name=stage,
-        tags={PIPELINE_TAG: pid, STAGE_TAG: stage, "mlflow.parentRunId": parent},
+        tags={PIPELINE_TAG: pid, STAGE_TAG: stage, "mlflow.parentRunId": parent,
+              HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())},
     )
     run_id = run.info.run_id
     flat = cfg.as_flat_dict()
@@ -114,6 +145,7 @@ def stage_run(cfg: Config, stage: str) -> Iterator[StageRun]:
         yield StageRun(client, run_id, cfg.tracking.experiment, uri, stage)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
+        client.set_terminated(parent, "FAILED")  # until a later stage of the pipeline finishes
         raise
     client.set_terminated(run_id, "FINISHED")
     client.set_terminated(parent, "FINISHED")
