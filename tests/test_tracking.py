@@ -24,8 +24,11 @@ def store(in_tmp, monkeypatch):
 
 
 def runs_of(client, exp_id, stage):
-    return client.search_runs([exp_id], filter_string=f"tags.`stagediff.stage` = '{stage}'",
-                              order_by=["attributes.start_time ASC"])
+    """This test's runs of `stage` (MLflow caches one store per URI, so a relative sqlite URI
+    can reach an earlier test's database within one process)."""
+    return client.search_runs(
+        [exp_id], filter_string=f"tags.`stagediff.stage` = '{stage}' and tags.`stagediff.pipeline` = 'track'",
+        order_by=["attributes.start_time ASC"])
 
 
 def test_exception_marks_run_and_parent_failed(store):
@@ -59,6 +62,6 @@ def test_run_of_a_dead_process_is_failed_on_the_next_start(store):
         assert "killed" in client.get_run(orphan).data.tags["stagediff.end"]
         assert client.get_run(busy).info.status == "RUNNING"  # its process still lives
         assert client.get_run(elsewhere).info.status == "RUNNING"  # another machine's: not ours to judge
-        assert runs_of(client, exp_id, "sae_S")[-1].info.status == "FINISHED"
+        assert [r.info.status for r in runs_of(client, exp_id, "sae_S")] == ["FINISHED"]
     finally:
         alive.kill()
