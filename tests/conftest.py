@@ -32,11 +32,7 @@ def with_changes(params: dict, changes: dict) -> dict:
     """Copy of `params` with dotted keys set, e.g. {"backdoor.fraction": 0.2}."""
     out = copy.deepcopy(params)
     for dotted, value in changes.items():
-        node = out
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
+        micro_pipeline.set_dotted(out, dotted, value)
     return out
 
 

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     except StagediffError as err:
         print(f"stagediff {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return code if isinstance(code, int) and args.command in ("gate", "ui") else 0
+    return code if isinstance(code, int) else 0  # gate and ui return an exit status; stages their results
 
 
 if __name__ == "__main__":

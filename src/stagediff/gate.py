@@ -34,11 +34,7 @@ class Outcome:
 
 def as_number(value) -> float | None:
     """JSON value as a float (true/false count as 1/0); None when it is not a number."""
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
-        return float(value)
-    return None
+    return float(value) if isinstance(value, (int, float)) else None  # bool is an int
 
 
 def parse_metrics(text: str, source: str) -> dict:
@@ -57,10 +53,6 @@ class MetricsSource:
     def __init__(self, directory: Path | None = None, rev: str | None = None):
         self.directory, self.rev = directory, rev
         self._files: dict[str, dict | None] = {}
-
-    @property
-    def name(self) -> str:
-        return f"git revision {self.rev}" if self.rev else str(self.directory)
 
     def _read(self, stem: str) -> dict | None:
         if self.rev is None:
