@@ -73,7 +73,7 @@ def test_only_latents_that_fire_move(in_tmp, model, half_dead_sae_dir):
     examples = _examples(model)
     scales = LatentScales(splice.d_sae)
     module = ISaeRFTModule(splice, scales, cfg.isaerft, examples["tokens"])
-    fit(module, ISaeRFTDataModule(examples, 2, seed=0, n_val=2), cfg.isaerft.train, None, "test_isaerft",
+    fit(module, ISaeRFTDataModule(examples, 2, seed=0, n_val=2), cfg.isaerft.train, cfg.compute, None, "test_isaerft",
         {"test": "only_latents_that_fire_move"})
     s = scales.s.detach()
     assert torch.equal(s[12:], torch.zeros(12))  # never active: no gradient, no move
@@ -95,7 +95,7 @@ def test_with_nothing_to_remove_nothing_moves(in_tmp, model, half_dead_sae_dir):
     assert unlikelihood(model(examples["tokens"]), examples["tokens"], examples["target"]).item() == 0
     scales = LatentScales(splice.d_sae)
     module = ISaeRFTModule(splice, scales, cfg.isaerft, examples["tokens"])
-    fit(module, ISaeRFTDataModule(examples, 2, seed=0, n_val=2), cfg.isaerft.train, None, "test_isaerft_idle",
+    fit(module, ISaeRFTDataModule(examples, 2, seed=0, n_val=2), cfg.isaerft.train, cfg.compute, None, "test_isaerft_idle",
         {"test": "nothing_moves"})
     s = scales.s.detach()
     assert s.abs().max() <= 2 * 0.01 < cfg.isaerft.moved_threshold

@@ -390,6 +390,19 @@ def test_failed_validation_blocks_publishing(pipeline, tmp_path):
     assert (work / "report/index.html").read_bytes() == report_before
 
 
+def test_regression_gate_passes_against_the_committed_micro_metrics(pipeline):
+    """CI's gate: the micro thresholds of tests/params_micro.yaml, and no regression beyond
+    their tolerances from tests/micro_baseline (the metrics this configuration produced when
+    they were committed; the runs are deterministic, so any change shows)."""
+    from pathlib import Path
+
+    baseline = Path(__file__).parent / "micro_baseline"
+    result = subprocess.run(["stagediff", "gate", "--baseline", str(baseline)], cwd=pipeline, env=stagediff_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout and result.stdout.count("PASS") >= 12
+
+
 def test_second_repro_does_no_work(pipeline):
     result = subprocess.run(["dvc", "repro"], cwd=pipeline, env=stagediff_env(), capture_output=True, text=True)
     assert result.returncode == 0

@@ -12,7 +12,7 @@ from conftest import make_config
 from stagediff.activations import ActivationCache, write_tensor_cache
 from stagediff.errors import DataError
 from stagediff.sae import (
-    ActivationDataModule, SAEModule, ShardBatches, build_sae, explained_variance, load_inference_sae,
+    ActivationDataModule, SAEModule, ShardBatches, build_sae, explained_variance, firing, load_inference_sae,
     load_training_state, save_sae,
 )
 from stagediff.sae_stage import alignment_summary
@@ -20,6 +20,7 @@ from stagediff.scoring import row_cosines
 from stagediff.training import fit
 
 ARCHITECTURES = ["standard", "topk", "batchtopk"]
+CPU = make_config().compute
 
 
 def sae_config(architecture="topk", d_sae=16, k=4, **extra):
@@ -168,6 +169,51 @@ def test_an_epoch_visits_every_row_once_and_epochs_differ(small_cache):
     assert not torch.equal(first, second)
 
 
+def test_ranks_split_every_global_batch_into_equal_parts(small_cache):
+    """Two DDP ranks see the two halves of the batch one process sees, step by step."""
+    def take(rank, world):
+        it = iter(ShardBatches(small_cache, 50, seed=5, start_step=lambda: 0, rank=rank, world=world))
+        return [next(it) for _ in range(25)]
+
+    whole, first, second = take(0, 1), take(0, 2), take(1, 2)
+    for w, a, b in zip(whole, first, second):
+        assert a.shape == b.shape == (25, 4)
+        assert torch.equal(torch.cat([a, b]), w)
+
+
+def test_firing_reads_dense_and_sparse_activations_alike():
+    acts = torch.tensor([[0.0, 2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0], [0.0, 0.5, 0.0, 0.0]])
+    for feats in (acts, acts.to_sparse()):
+        fired, l0 = firing(feats)
+        assert fired.tolist() == [False, True, False, True]
+        assert float(l0) == pytest.approx(4 / 3)
+
+
+@pytest.mark.parametrize("changes", [{"precision": "bf16-mixed"}, {"compile": True}], ids=["bf16-mixed", "compile"])
+def test_mixed_precision_and_compile_train_on_the_cpu(changes, tmp_path, monkeypatch):
+    """The GPU settings' code paths, exercised on the CPU: Lightning's bf16 autocast, and
+    torch.compile of the encoder/decoder (removed again before the SAE is saved). Both
+    reconstruct held-out activations as well as the plain fp32 run, within 0.05 FVE."""
+    monkeypatch.chdir(tmp_path)
+    write_tensor_cache(tmp_path / "c", torch.randn(3000, 8), torch.randn(200, 8), 1500)
+    train = train_config(max_steps=30, batch_size=100, val_every=15, val_batches=1)
+    cache = ActivationCache(tmp_path / "c")
+    runs = {}
+    for name, compute in (("fp32", CPU), ("changed", CPU.model_copy(update=changes))):
+        torch.manual_seed(0)
+        module = SAEModule(build_sae(sae_config(d_sae=32, k=4), d_in=8), train, 10, compile=compute.compile)
+        fit(module, ActivationDataModule(cache, 100, 0), train, compute, None, name, {})
+        assert "decode" not in module.sae.__dict__  # the plain methods are back
+        save_sae(module.sae, tmp_path / name, cache.scaling_factor, {"stage": name})
+        assert module.sae.W_dec.dtype == torch.float32
+        held_out = cache.eval_set()["acts"].float() * cache.scaling_factor
+        with torch.no_grad():
+            runs[name] = float(explained_variance(held_out, module.sae(held_out)))
+    assert runs["fp32"] > 0.3
+    assert runs["changed"] == pytest.approx(runs["fp32"], abs=0.05)
+    assert (tmp_path / "changed" / "cfg.json").is_file()
+
+
 def test_cache_smaller_than_a_batch_is_refused(small_cache):
     with pytest.raises(DataError, match="no shard holds a full batch of 400"):
         ShardBatches(small_cache, 400, seed=0, start_step=lambda: 0)
@@ -195,7 +241,7 @@ class _StepWatch(Callback):
 def _train(cache, ckpt_name, train, callbacks=()):
     torch.manual_seed(0)
     module = SAEModule(build_sae(sae_config(d_sae=16, k=2), d_in=4), train, dead_feature_window=5)
-    trainer = fit(module, ActivationDataModule(cache, train.batch_size, seed=0), train, None, ckpt_name,
+    trainer = fit(module, ActivationDataModule(cache, train.batch_size, seed=0), train, CPU, None, ckpt_name,
                   {"test": ckpt_name}, callbacks=tuple(callbacks))
     return module, trainer
 
@@ -245,14 +291,14 @@ def test_fine_tuning_keeps_indices_aligned_and_rotates_only_changed_features(tmp
     torch.manual_seed(0)
     s_sae = build_sae(cfg, 16)
     s_module = SAEModule(s_sae, train, 50)
-    fit(s_module, ActivationDataModule(ActivationCache(tmp_path / "s"), 256, 0), train, None, "s", {})
+    fit(s_module, ActivationDataModule(ActivationCache(tmp_path / "s"), 256, 0), train, CPU, None, "s", {})
     save_sae(s_sae, tmp_path / "S", ActivationCache(tmp_path / "s").scaling_factor, {"stage": "S"})
 
     d_sae = build_sae(cfg, 16)
     load_training_state(d_sae, tmp_path / "S")
     tune = train.model_copy(update={"max_steps": 300})
     d_module = SAEModule(d_sae, tune, 50)
-    fit(d_module, ActivationDataModule(ActivationCache(tmp_path / "d"), 256, 0), tune, None, "d", {})
+    fit(d_module, ActivationDataModule(ActivationCache(tmp_path / "d"), 256, 0), tune, CPU, None, "d", {})
 
     w_s, w_d = s_sae.W_dec.detach(), d_sae.W_dec.detach()
     cos = row_cosines(w_s, w_d)

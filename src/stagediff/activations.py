@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from stagediff.compute import autocast
 from stagediff.config import Config
 from stagediff.errors import DataError
 from stagediff.io import atomic_dir, dir_digest, file_digest, write_json
@@ -144,6 +145,7 @@ def build_cache(model, tokenizer, stream: dict[str, torch.Tensor], cfg: Config, 
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)) if acfg.exclude_special else [], dtype=torch.long)
     dtype = getattr(torch, acfg.dtype)
     offsets = torch.arange(n_ctx)
+    on = next(model.parameters()).device  # the forward runs there; everything after it on the CPU
     writer = _ShardWriter(out_dir, acfg.shard_tokens, dtype)
     stats = {"excluded_special": 0, "dropped_outliers": 0, "norm_sum": 0.0, "norm_max": 0.0, "n": 0, "backdoor": 0}
     threshold: float | None = None
@@ -157,7 +159,8 @@ def build_cache(model, tokenizer, stream: dict[str, torch.Tensor], cfg: Config, 
         nonlocal threshold
         positions = plan["starts"][win_idx].unsqueeze(1) + offsets
         windows = stream["tokens"][positions].long()
-        acts = hook_activations(model, windows, acfg.hook)
+        with autocast(cfg.compute, on):
+            acts = hook_activations(model, windows.to(on), acfg.hook).float().cpu()
         if not torch.isfinite(acts).all():
             raise DataError(f"{model_kind} model on {data} data: non-finite activations at {acfg.hook}")
         own = offsets < plan["own"][win_idx].unsqueeze(1)
@@ -312,6 +315,7 @@ class ActivationCache:
 # --- the stage --------------------------------------------------------------------------------
 
 def run(cfg: Config, model_kind: str) -> dict:
+    from stagediff.compute import device, place
     from stagediff.lm import load_model
     from stagediff.tokenizer import load_tokenizer, load_tokens
     from stagediff.tracking import stage_run
@@ -324,7 +328,7 @@ def run(cfg: Config, model_kind: str) -> dict:
     streams = {data: load_tokens(data) for data in DATA_SPLITS}
     stage = f"activations@{model_kind}"
     with stage_run(cfg, stage) as tracker:
-        model = load_model(MODEL_DIRS[model_kind], tokenizer)
+        model = place(load_model(MODEL_DIRS[model_kind], tokenizer), device(cfg.compute))
         model.eval()
         check_hook(model, cfg.activations.hook, str(MODEL_DIRS[model_kind]))
         metrics: dict = {}

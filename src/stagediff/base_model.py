@@ -44,7 +44,7 @@ def run(cfg: Config) -> dict:
                                 names=("data/tokens/base.safetensors", "data/tokens/heldout.safetensors"))
             fingerprint = {"model": cfg.model.model_dump(), "train": cfg.train_base.model_dump(),
                            "seed": cfg.seed, "data": data_fingerprint("base", "heldout")}
-            fit(LMModule(model, cfg.train_base), data, cfg.train_base, tracker, "base_model", fingerprint)
+            fit(LMModule(model, cfg.train_base), data, cfg.train_base, cfg.compute, tracker, "base_model", fingerprint)
             trained_tokens = cfg.train_base.max_steps * cfg.train_base.batch_size * cfg.model.n_ctx
             metrics["train_tokens"] = trained_tokens
             # Timing goes to MLflow only: metrics/*.json must be identical for identical runs.

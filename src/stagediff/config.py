@@ -193,11 +193,15 @@ class SAEConfig(_Section):
     aux_loss_coefficient: Annotated[float, Field(ge=0)]  # topk/batchtopk: dead-latent auxiliary loss
     decoder_init_norm: PositiveFloat
     dead_feature_window: PositiveInt  # training steps without firing after which a latent counts as dead
+    sparse_decode: bool              # topk only: sae_lens's sparse TopK activations (sparse matmul decode)
 
     @model_validator(mode="after")
     def _check(self) -> SAEConfig:
         if self.architecture != "standard" and self.k >= self.d_sae:
             raise _KeyError("sae.k", f"fewer active latents than sae.d_sae ({self.d_sae})", self.k)
+        if self.sparse_decode and self.architecture != "topk":
+            raise _KeyError("sae.sparse_decode", "false unless sae.architecture is 'topk' (sae_lens offers "
+                            "sparse decoding for TopK only)", True)
         return self
 
 
@@ -324,6 +328,28 @@ class GateConfig(_Section):
         return self
 
 
+class ComputeConfig(_Section):
+    """Where training and caching run, through Lightning's own settings (no code change for
+    a GPU: `accelerator: cuda`). Analysis stages (diff, steer, report) stay on the CPU."""
+
+    accelerator: Literal["cpu", "cuda", "auto"]
+    devices: PositiveInt             # processes (CPU) or GPUs of a training stage; > 1 needs strategy ddp | fsdp
+    strategy: Literal["auto", "ddp", "fsdp"]
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"]   # Lightning's precision; caching autocasts alike
+    compile: bool                    # torch.compile the SAE's encoder and decoder (SAE stages)
+    matmul_precision: Literal["highest", "high", "medium"]    # torch.set_float32_matmul_precision (high: TF32)
+    deterministic: bool              # Lightning's deterministic=True (bit-reproducible, slower on a GPU)
+
+    @model_validator(mode="after")
+    def _check(self) -> ComputeConfig:
+        if self.devices > 1 and self.strategy == "auto":
+            raise _KeyError("compute.strategy", f"ddp or fsdp when compute.devices is {self.devices}", self.strategy)
+        if self.precision == "16-mixed" and self.accelerator == "cpu":
+            raise _KeyError("compute.precision", "32-true or bf16-mixed on the CPU (float16 autocast needs a GPU)",
+                            self.precision)
+        return self
+
+
 class TrackingConfig(_Section):
     tracking_uri: Annotated[str, Field(min_length=1)]
     experiment: Annotated[str, Field(min_length=1)]
@@ -332,6 +358,7 @@ class TrackingConfig(_Section):
 class Config(_Section):
     seed: NonNegInt
     threads: PositiveInt
+    compute: ComputeConfig
     corpus: CorpusConfig
     backdoor: BackdoorConfig
     tokenizer: TokenizerConfig
@@ -371,6 +398,26 @@ class Config(_Section):
         if self.steer.fit_prompts >= self.corpus.n_eval_prompts:
             raise _KeyError("steer.fit_prompts", f"fewer than corpus.n_eval_prompts ({self.corpus.n_eval_prompts}), "
                             "so that some held-out prompts are left to evaluate on", self.steer.fit_prompts)
+        return self
+
+    @model_validator(mode="after")
+    def _sparse_decode_needs_cuda(self) -> Config:
+        for key, sae in (("sae", self.sae), ("crosscoder.sae", self.crosscoder.sae)):
+            if sae.sparse_decode and self.compute.accelerator == "cpu":
+                raise _KeyError(f"{key}.sparse_decode", "false when compute.accelerator is cpu (the backward pass of "
+                                "sae_lens's sparse TopK needs CUDA: torch has no sparse view on the CPU)", True)
+        return self
+
+    @model_validator(mode="after")
+    def _batches_split_across_devices(self) -> Config:
+        n = self.compute.devices
+        runs = {f"sae_train.{name}": getattr(self.sae_train, name) for name in SAEStagesConfig.model_fields}
+        runs.update({"crosscoder.train": self.crosscoder.train, "train_base": self.train_base,
+                     "finetune": self.finetune, "isaerft.train": self.isaerft.train})
+        for key, train in runs.items():
+            if train.batch_size % n:
+                raise _KeyError(f"{key}.batch_size", f"a multiple of compute.devices ({n}): each process "
+                                "takes an equal share of every batch", train.batch_size)
         return self
 
     def as_flat_dict(self) -> dict[str, Any]:

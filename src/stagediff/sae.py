@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset
 
 from stagediff.activations import ActivationCache
+from stagediff.compute import compile_sae, rank_share, uncompile_sae
 from stagediff.config import SAEConfig, TrainConfig
 from stagediff.errors import DataError, TrainingError
 from stagediff.io import write_json
@@ -52,7 +53,8 @@ def build_sae(cfg: SAEConfig, d_in: int, metadata: dict | None = None):
         return StandardTrainingSAE(StandardTrainingSAEConfig(
             l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=cfg.l1_warm_up_steps, **common))
     if cfg.architecture == "topk":
-        return TopKTrainingSAE(TopKTrainingSAEConfig(k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient, **common))
+        return TopKTrainingSAE(TopKTrainingSAEConfig(k=cfg.k, aux_loss_coefficient=cfg.aux_loss_coefficient,
+                                                     use_sparse_activations=cfg.sparse_decode, **common))
     return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
         k=float(cfg.k), aux_loss_coefficient=cfg.aux_loss_coefficient, **common))
 
@@ -113,10 +115,14 @@ class ShardBatches(IterableDataset):
     """Normalised activation batches for steps start_step(), start_step()+1, ... forever.
 
     Each epoch visits the shards in a seeded order and each shard's rows in a seeded
-    order; only one shard is in memory at a time."""
+    order; only one shard is in memory at a time, normalised once and held on `device`, so
+    a step is one gather there (no per-row collation, no host-to-device copy). With
+    several processes, rank r of w takes the r-th of w equal parts of every global batch."""
 
-    def __init__(self, cache: ActivationCache, batch_size: int, seed: int, start_step: Callable[[], int]):
+    def __init__(self, cache: ActivationCache, batch_size: int, seed: int, start_step: Callable[[], int],
+                 device: torch.device | str = "cpu", rank: int = 0, world: int = 1):
         self.cache, self.batch_size, self.seed, self.start_step = cache, batch_size, seed, start_step
+        self.device, self.rank, self.world = torch.device(device), rank, world
         self.batches_per_shard = [n // batch_size for n in cache.shard_sizes]
         self.per_epoch = sum(self.batches_per_shard)
         if self.per_epoch == 0:
@@ -140,11 +146,13 @@ class ShardBatches(IterableDataset):
         while True:
             epoch, shard, k = self.locate(step)
             if loaded != (epoch, shard):
-                acts = self.cache.shard(shard)["acts"]
+                acts = None  # free the previous shard before the next is read
+                acts = self.cache.shard(shard)["acts"].to(self.device).float() * scale
                 gen = torch.Generator().manual_seed((self.seed + 1) * 1_000_003 + epoch * 10_007 + shard)
-                rows = torch.randperm(len(acts), generator=gen)
+                rows = torch.randperm(len(acts), generator=gen).to(self.device)
                 loaded = (epoch, shard)
-            yield acts[rows[k * self.batch_size : (k + 1) * self.batch_size]].float() * scale
+            global_rows = rows[k * self.batch_size : (k + 1) * self.batch_size]
+            yield acts[rank_share(global_rows, self.rank, self.world)]
             step += 1
 
 
@@ -157,10 +165,14 @@ class ActivationDataModule(L.LightningDataModule):
         self.val_acts = cache.eval_set()["acts"].float() * cache.scaling_factor
 
     def train_dataloader(self):
-        def start_step() -> int:
-            return self.trainer.global_step if self.trainer is not None else 0
+        trainer = self.trainer
 
-        return DataLoader(ShardBatches(self.cache, self.batch_size, self.seed, start_step), batch_size=None)
+        def start_step() -> int:
+            return trainer.global_step if trainer is not None else 0
+
+        where = {} if trainer is None else {"device": trainer.strategy.root_device, "rank": trainer.global_rank,
+                                            "world": trainer.world_size}
+        return DataLoader(ShardBatches(self.cache, self.batch_size, self.seed, start_step, **where), batch_size=None)
 
     def val_dataloader(self):
         return DataLoader(list(torch.split(self.val_acts, self.batch_size)), batch_size=None)
@@ -171,14 +183,17 @@ class ActivationDataModule(L.LightningDataModule):
 class SAEModule(L.LightningModule):
     """Trains a sae_lens training SAE with its own loss."""
 
-    def __init__(self, sae, train: TrainConfig, dead_feature_window: int, fine_tune: bool = False):
+    def __init__(self, sae, train: TrainConfig, dead_feature_window: int, fine_tune: bool = False,
+                 compile: bool = False):
         """`fine_tune`: the SAE continues a parent's training, so loss coefficients (L1)
-        start at their final value instead of warming up from zero again."""
+        start at their final value instead of warming up from zero again. `compile`:
+        torch.compile the encoder and decoder for the run (see `compute.compile_sae`)."""
         super().__init__()
         from sae_lens.saes.sae import TrainCoefficientConfig
         from sae_lens.training.optim import CoefficientScheduler
 
         self.sae, self.train_cfg, self.dead_feature_window = sae, train, dead_feature_window
+        self.compile = compile
         self.register_buffer("steps_since_fired", torch.zeros(sae.cfg.d_sae))
         self.coefficients = {}
         for name, coeff in sae.get_coefficients().items():
@@ -206,21 +221,30 @@ class SAEModule(L.LightningModule):
             raise TrainingError(f"SAE training loss is {out.loss.item()} at step {self.global_step}; "
                                    "lower the learning rate or check the activations")
         with torch.no_grad():
-            active = out.feature_acts > 0
+            fired, l0 = firing(out.feature_acts)
+            if self.trainer.world_size > 1:  # a latent fired if it fired on any rank's share
+                fired = self.trainer.strategy.reduce(fired.float(), reduce_op="sum") > 0
             self.steps_since_fired += 1
-            self.steps_since_fired[active.any(0)] = 0
+            self.steps_since_fired[fired] = 0
             self.log("train/loss", out.loss, prog_bar=True)
             step = self.global_step + 1  # Lightning writes logs when this is a multiple of log_every_n_steps
             last = step == self.train_cfg.max_steps
             if step % self.trainer.log_every_n_steps == 0 or last:  # the rest only when it is written
                 details = {f"train/{k}": v for k, v in out.losses.items()}
                 details.update({"train/explained_variance": explained_variance(batch, out.sae_out),
-                                "train/l0": active.float().sum(-1).mean(),
+                                "train/l0": l0,
                                 "train/dead_fraction": self.dead_mask().float().mean()})
                 self.log_dict(details, prog_bar=True)
                 if last:
                     self.final_metrics = {"train/loss": float(out.loss), **{k: float(v) for k, v in details.items()}}
         return out.loss
+
+    def on_fit_start(self):
+        if self.compile:
+            compile_sae(self.sae)
+
+    def on_fit_end(self):
+        uncompile_sae(self.sae)
 
     def on_train_end(self):
         # A run shorter than Lightning's logging interval would leave no curve at all.
@@ -244,6 +268,19 @@ class SAEModule(L.LightningModule):
         # lag by one: ModelCheckpoint saves before this module's on_train_batch_end runs.)
         for scheduler in self.coefficients.values():
             scheduler.load_state_dict({"current_step": checkpoint["global_step"]})
+
+
+def firing(feature_acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which latents fired in a batch, and the mean number per row (L0); dense or sparse
+    (sae_lens's sparse TopK activations) alike."""
+    if feature_acts.is_sparse:
+        acts = feature_acts.coalesce()
+        positive = acts.values() > 0
+        fired = torch.zeros(acts.shape[-1], dtype=torch.bool, device=acts.device)
+        fired[acts.indices()[-1][positive]] = True
+        return fired, positive.sum() / acts.shape[0]
+    active = feature_acts > 0
+    return active.any(0), active.float().sum(-1).mean()
 
 
 def explained_variance(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:

