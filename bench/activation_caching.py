@@ -47,26 +47,28 @@ def child(max_tokens: int, mode: str, params: str) -> dict:
     if on.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
+    # Both modes count the same tokens: every window's own positions (caching then drops
+    # special and outlier positions; `kept` says how many it wrote).
+    plan = plan_windows(stream["sample_ids"], cfg.model.n_ctx, cfg.activations.eval_windows, max_tokens, cfg.seed,
+                        "base")
+    idx = torch.cat([plan["train"], plan["eval"]])
+    tokens, kept = int(plan["own"][idx].sum()), None
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if mode == "cache":
         with tempfile.TemporaryDirectory() as tmp:
             manifest = build_cache(model, tokenizer, stream, cfg, "base", "base", Path(tmp))
-        tokens = manifest["n_tokens"] + manifest["n_eval_tokens"]
+        kept = manifest["n_tokens"] + manifest["n_eval_tokens"]
     else:  # the bare forward pass over the same windows, results discarded
-        plan = plan_windows(stream["sample_ids"], cfg.model.n_ctx, cfg.activations.eval_windows, max_tokens,
-                            cfg.seed, "base")
-        idx = torch.cat([plan["train"], plan["eval"]])
-        tokens = 0
         with torch.no_grad(), autocast(cfg.compute, on):
             for b in range(0, len(idx), cfg.activations.batch_size):
                 pos = plan["starts"][idx[b : b + cfg.activations.batch_size]].unsqueeze(1) + torch.arange(cfg.model.n_ctx)
                 hook_activations(model, stream["tokens"][pos].long().to(on), cfg.activations.hook)
-                tokens += int(plan["own"][idx[b : b + cfg.activations.batch_size]].sum())
     if on.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    out = {"mode": mode, "max_tokens": max_tokens, "tokens": tokens, "seconds": seconds, "device": str(on),
+    out = {"mode": mode, "max_tokens": max_tokens, "tokens": tokens, "tokens_cached": kept, "seconds": seconds,
+           "device": str(on),
            "precision": cfg.compute.precision, "tokens_per_s": tokens / seconds,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss_before / 1024}
     if on.type == "cuda":

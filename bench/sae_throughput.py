@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ def parse_args():
     p.add_argument("--cache", default="data/activations/base-base", help="activation cache to train on")
     p.add_argument("--synthetic", action="store_true", help="use random activations instead of a cache")
     p.add_argument("--d-in", type=int, default=128, help="with --synthetic")
+    p.add_argument("--tokens", type=int, help="with --synthetic: activations in the cache (default 8 batches), "
+                   "in shards of 4 batches; training memory should not grow with it")
     p.add_argument("--d-sae", type=int, default=512)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--architecture", default="topk", choices=["standard", "topk", "batchtopk"])
@@ -49,7 +50,8 @@ def parse_args():
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     p.add_argument("--compile", action="store_true", help="torch.compile the SAE (stagediff trainer and bare step)")
     p.add_argument("--sparse-decode", action="store_true", help="topk: sae_lens's sparse activations")
-    p.add_argument("--nondeterministic", action="store_true", help="stagediff trainer without deterministic=True")
+    p.add_argument("--deterministic", default=None, choices=["true", "false"],
+                   help="stagediff trainer's deterministic=True (default: true on the CPU, false on a GPU)")
     p.add_argument("--trainers", default=",".join(TRAINERS), help=f"comma-separated subset of {','.join(TRAINERS)}")
     p.add_argument("--out", default="bench/results/sae_throughput_cpu.json")
     return p.parse_args()
@@ -59,7 +61,11 @@ def compute_cfg(args):
     from stagediff.config import ComputeConfig
 
     return ComputeConfig(accelerator=args.device, devices=1, strategy="auto", precision=args.precision,
-                         compile=args.compile, matmul_precision="high", deterministic=not args.nondeterministic)
+                         compile=args.compile, matmul_precision="high", deterministic=deterministic(args))
+
+
+def deterministic(args) -> bool:
+    return args.device == "cpu" if args.deterministic is None else args.deterministic == "true"
 
 
 def synchronize(args) -> None:
@@ -85,8 +91,9 @@ def matmul_peak(args) -> float:
 
 
 def step_flops(args) -> int:
-    """Dense FLOPs of one SAE training step: encoder and decoder matmuls (2·B·d_in·d_sae
-    each) forward, and twice that backward."""
+    """Dense-equivalent FLOPs of one SAE training step: encoder and decoder matmuls
+    (2·B·d_in·d_sae each) forward, and twice that backward (sae_lens subtracts b_dec from
+    the input, so the encoder's input gradient is computed too). Sparse decoding does less."""
     return 3 * 2 * (2 * args.batch * args.d_in * args.d_sae)
 
 
@@ -134,6 +141,7 @@ def stagediff_trainer(cache, args) -> float:
                 {}, callbacks=(Clock(),))
         finally:
             os.chdir(cwd)
+            torch.use_deterministic_algorithms(False)  # Lightning sets it process-wide; the next runner starts clean
     return args.steps * args.batch / (marks["end"] - marks["start"])
 
 
@@ -174,6 +182,10 @@ def sae_lens_trainer(cache, args) -> float:
 
     torch.manual_seed(0)
     sae = build_sae(sae_cfg(args), cache.d_in)
+    if args.compile:  # the same compiled encoder/decoder as the other runners
+        from stagediff.compute import compile_sae
+
+        compile_sae(sae)
     cfg = SAETrainerConfig(total_training_samples=(total + 1) * args.batch, train_batch_size_samples=args.batch,
                            lr=1e-3, lr_end=1e-4, lr_warm_up_steps=5, lr_scheduler_name="cosineannealing",
                            lr_decay_steps=total, dead_feature_window=100, device=args.device,
@@ -212,12 +224,39 @@ def bare_step(cache, args) -> float:
     return args.steps * args.batch / (time.perf_counter() - start)
 
 
+class RSSPeak:
+    """Peak resident memory of this process while a block runs (sampled every 20 ms from
+    /proc; ru_maxrss would carry the peak of earlier blocks)."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self.stop = rss_bytes(), threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def measure(name, fn, cache, args) -> dict:
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    tokens_per_s = fn(cache, args)
-    out = {"tokens_per_s": tokens_per_s}
+    with RSSPeak() as rss:
+        tokens_per_s = fn(cache, args)
+    out = {"tokens_per_s": tokens_per_s, "host_peak_rss_gb": rss.peak / 1e9}
     if args.device == "cuda":
         out["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     print(f"{name}: {tokens_per_s:,.0f} tokens/s", flush=True)
@@ -237,9 +276,9 @@ def main():
     runners = {"bare": bare_step, "stagediff": stagediff_trainer, "sae_lens": sae_lens_trainer}
     with tempfile.TemporaryDirectory() as tmp:
         if args.synthetic:
-            n = args.batch * 8
-            write_tensor_cache(Path(tmp) / "c", torch.randn(n, args.d_in), torch.randn(args.batch, args.d_in),
-                               shard_tokens=n // 2)
+            n = args.tokens or args.batch * 8
+            write_tensor_cache(Path(tmp) / "c", torch.randn(n, args.d_in, dtype=torch.float16),
+                               torch.randn(args.batch, args.d_in), shard_tokens=args.batch * 4, dtype="float16")
             cache = ActivationCache(Path(tmp) / "c")
         else:
             cache = ActivationCache(Path(args.cache).resolve())
@@ -248,7 +287,7 @@ def main():
         results = {name: measure(name, runners[name], cache, args) for name in chosen}
     flops = step_flops(args) / args.batch
     for r in results.values():
-        r["achieved_tflops"] = r["tokens_per_s"] * flops / 1e12
+        r["achieved_dense_equivalent_tflops"] = r["tokens_per_s"] * flops / 1e12
         r["fraction_of_matmul_peak"] = r["tokens_per_s"] * flops / peak
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
@@ -256,7 +295,7 @@ def main():
                     (platform.processor() or platform.machine()),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
         "matmul_peak_tflops": peak / 1e12,
-        "host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "cache": {"tokens": sum(cache.shard_sizes), "shards": len(cache.shard_sizes)},
         "trainers": results,
     }
     if "stagediff" in results and "sae_lens" in results:

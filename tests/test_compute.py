@@ -55,12 +55,14 @@ def test_autocast_is_off_at_full_precision_and_bf16_when_mixed():
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"compute.devices": 2}, "compute.strategy: expected ddp or fsdp when compute.devices is 2"),
+    ({"compute.devices": 2}, "compute.strategy: expected ddp when compute.devices is 2"),
+    ({"compute.strategy": "fsdp"}, "compute.strategy"),
     ({"compute.precision": "16-mixed"}, "compute.precision: expected 32-true or bf16-mixed on the CPU"),
     ({"compute.devices": 3, "compute.strategy": "ddp"}, "sae_train.S.batch_size: expected a multiple of compute.devices (3)"),
     ({"compute.accelerator": "tpu"}, "compute.accelerator"),
     ({"sae.sparse_decode": True, "sae.architecture": "standard"}, "sae.sparse_decode: expected false unless"),
-    ({"sae.sparse_decode": True}, "sae.sparse_decode: expected false when compute.accelerator is cpu"),
+    ({"sae.sparse_decode": True}, "sae.sparse_decode: expected false unless compute.accelerator is cuda"),
+    ({"sae.sparse_decode": True, "compute.accelerator": "auto"}, "sae.sparse_decode: expected false unless"),
 ])
 def test_bad_compute_settings_name_the_key(changes, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -153,7 +155,8 @@ def test_the_sae_stage_trained_by_two_ddp_processes_matches_one(micro_runs, tmp_
     """`compute.devices: 2, strategy: ddp` on the CPU: Lightning relaunches the stage as a
     second rank, gloo averages the gradients, each rank takes half of every global batch.
     Only rank 0 records an MLflow run and writes the outputs; the held-out loss and the
-    final training loss match the single-process stage's within 2%."""
+    final training loss (averaged over the ranks, i.e. over the global batch) match the
+    single-process stage's within 0.1% (measured: about 1e-9)."""
     ws = Path(shutil.copytree(micro_runs[0], tmp_path / "ws", ignore=shutil.ignore_patterns("repro.log")))
     single = json.loads((ws / "metrics" / "sae_S.json").read_text())
     from stagediff.config import read_params
@@ -163,13 +166,14 @@ def test_the_sae_stage_trained_by_two_ddp_processes_matches_one(micro_runs, tmp_
     out = run_cli(["sae", "--stage", "S"], ws)
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stdout + out.stderr
-    assert "distributed_backend=gloo" in log and "MEMBER: 2/2" in log, log[-3000:]
+    assert "distributed_backend=gloo" in log and "MEMBER: 2/2" in log and "Starting with 2 processes" in log, log[-3000:]
     ddp = json.loads((ws / "metrics" / "sae_S.json").read_text())
-    assert ddp["mse"] == pytest.approx(single["mse"], rel=0.02)
-    assert ddp["explained_variance"] == pytest.approx(single["explained_variance"], abs=0.01)
-    assert ddp["l0"] == pytest.approx(single["l0"], rel=0.02)
+    assert ddp["mse"] == pytest.approx(single["mse"], rel=1e-3)
+    assert ddp["explained_variance"] == pytest.approx(single["explained_variance"], abs=1e-3)
+    assert ddp["l0"] == pytest.approx(single["l0"], rel=1e-3)
+    assert ddp["dead_fraction"] == single["dead_fraction"]  # dead latents are tracked over both ranks
     losses = _final_train_loss(ws, "sae_S")
     assert len(losses) == 2  # the micro run's and one for the two-process run (rank 1 records nothing)
-    assert losses[1] == pytest.approx(losses[0], rel=0.02)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
     assert not any((ws / "checkpoints").glob("sae_S/*/*.ckpt"))  # finished: checkpoints dropped
 

@@ -43,6 +43,7 @@ def run(cfg: Config) -> dict:
             data = LMDataModule(base_tokens, heldout, cfg.model.n_ctx, cfg.train_base.batch_size, cfg.seed,
                                 names=("data/tokens/base.safetensors", "data/tokens/heldout.safetensors"))
             fingerprint = {"model": cfg.model.model_dump(), "train": cfg.train_base.model_dump(),
+                           "compute": cfg.compute.model_dump(),
                            "seed": cfg.seed, "data": data_fingerprint("base", "heldout")}
             fit(LMModule(model, cfg.train_base), data, cfg.train_base, cfg.compute, tracker, "base_model", fingerprint)
             trained_tokens = cfg.train_base.max_steps * cfg.train_base.batch_size * cfg.model.n_ctx

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 import torch
 
 from stagediff.config import ComputeConfig
-from stagediff.errors import ConfigError
+from stagediff.errors import ConfigError, TrainingError
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -52,7 +52,7 @@ def trainer_kwargs(compute: ComputeConfig) -> dict:
 
 
 def process_rank() -> int:
-    """Global rank of this process: 0 unless Lightning launched it as another DDP/FSDP rank."""
+    """Global rank of this process: 0 unless Lightning launched it as another DDP rank."""
     for key in ("RANK", "LOCAL_RANK"):
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
@@ -61,6 +61,20 @@ def process_rank() -> int:
 
 def is_rank_zero() -> bool:
     return process_rank() == 0
+
+
+def any_rank(flag: bool, trainer) -> bool:
+    """True if `flag` holds on any rank (all ranks must call it at the same step), so that
+    every process stops together instead of one waiting on the others forever."""
+    if trainer.world_size == 1:
+        return flag
+    return trainer.strategy.reduce_boolean_decision(flag, all=False)
+
+
+def fail_if_not_finite(loss: torch.Tensor, trainer, what: str, advice: str) -> None:
+    """Stop training on a non-finite loss on any rank, with one message."""
+    if any_rank(not bool(torch.isfinite(loss)), trainer):
+        raise TrainingError(f"{what} training loss is {loss.item()} at step {trainer.global_step}; {advice}")
 
 
 def rank_share(rows, rank: int, world: int):
@@ -89,5 +103,6 @@ def on_cpu(compute: ComputeConfig) -> ComputeConfig:
 
 
 def place(module, on: torch.device):
-    """`module` on device `on` (everything loads on the CPU, so a CPU run moves nothing)."""
-    return module if on.type == "cpu" else module.to(on)
+    """`module` on device `on` (moved only if it is elsewhere)."""
+    param = next(module.parameters(), None)
+    return module if param is None or param.device == on else module.to(on)

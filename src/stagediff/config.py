@@ -333,8 +333,8 @@ class ComputeConfig(_Section):
     a GPU: `accelerator: cuda`). Analysis stages (diff, steer, report) stay on the CPU."""
 
     accelerator: Literal["cpu", "cuda", "auto"]
-    devices: PositiveInt             # processes (CPU) or GPUs of a training stage; > 1 needs strategy ddp | fsdp
-    strategy: Literal["auto", "ddp", "fsdp"]
+    devices: PositiveInt             # processes (CPU) or GPUs of a training stage; > 1 needs strategy ddp
+    strategy: Literal["auto", "ddp"]  # (FSDP is not supported yet: see README "Compute")
     precision: Literal["32-true", "bf16-mixed", "16-mixed"]   # Lightning's precision; caching autocasts alike
     compile: bool                    # torch.compile the SAE's encoder and decoder (SAE stages)
     matmul_precision: Literal["highest", "high", "medium"]    # torch.set_float32_matmul_precision (high: TF32)
@@ -343,7 +343,7 @@ class ComputeConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> ComputeConfig:
         if self.devices > 1 and self.strategy == "auto":
-            raise _KeyError("compute.strategy", f"ddp or fsdp when compute.devices is {self.devices}", self.strategy)
+            raise _KeyError("compute.strategy", f"ddp when compute.devices is {self.devices}", self.strategy)
         if self.precision == "16-mixed" and self.accelerator == "cpu":
             raise _KeyError("compute.precision", "32-true or bf16-mixed on the CPU (float16 autocast needs a GPU)",
                             self.precision)
@@ -403,9 +403,9 @@ class Config(_Section):
     @model_validator(mode="after")
     def _sparse_decode_needs_cuda(self) -> Config:
         for key, sae in (("sae", self.sae), ("crosscoder.sae", self.crosscoder.sae)):
-            if sae.sparse_decode and self.compute.accelerator == "cpu":
-                raise _KeyError(f"{key}.sparse_decode", "false when compute.accelerator is cpu (the backward pass of "
-                                "sae_lens's sparse TopK needs CUDA: torch has no sparse view on the CPU)", True)
+            if sae.sparse_decode and self.compute.accelerator != "cuda":
+                raise _KeyError(f"{key}.sparse_decode", "false unless compute.accelerator is cuda (the backward pass "
+                                "of sae_lens's sparse TopK needs CUDA: torch has no sparse view on the CPU)", True)
         return self
 
     @model_validator(mode="after")
@@ -413,7 +413,7 @@ class Config(_Section):
         n = self.compute.devices
         runs = {f"sae_train.{name}": getattr(self.sae_train, name) for name in SAEStagesConfig.model_fields}
         runs.update({"crosscoder.train": self.crosscoder.train, "train_base": self.train_base,
-                     "finetune": self.finetune, "isaerft.train": self.isaerft.train})
+                     "finetune": self.finetune})  # (isaerft always trains in one process)
         for key, train in runs.items():
             if train.batch_size % n:
                 raise _KeyError(f"{key}.batch_size", f"a multiple of compute.devices ({n}): each process "

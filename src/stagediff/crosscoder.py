@@ -132,6 +132,7 @@ def run(cfg: Config) -> dict:
             "model_name": "+".join(CROSSCODER_MODELS), "hook_name": pair.hook, "context_size": cfg.model.n_ctx,
             "prepend_bos": False})
         fingerprint = {"stage": STAGE, "sae": cfg.crosscoder.sae.model_dump(), "train": train_cfg.model_dump(),
+                       "compute": cfg.compute.model_dump(),
                        "seed": cfg.seed, "shards": [s["sha256"] for s in pair.manifest["shards"]]}
         module = SAEModule(sae, train_cfg, cfg.crosscoder.sae.dead_feature_window, compile=cfg.compute.compile)
         fit(module, ActivationDataModule(pair, train_cfg.batch_size, cfg.seed), train_cfg, cfg.compute, tracker,

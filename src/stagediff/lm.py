@@ -22,7 +22,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from tqdm import tqdm
 
 from stagediff.config import Config, ModelConfig, TrainConfig
-from stagediff.errors import DataError, TrainingError
+from stagediff.compute import fail_if_not_finite
+from stagediff.errors import DataError
 from stagediff.training import adamw_with_schedule
 
 
@@ -35,7 +36,7 @@ def hooked_config(model: ModelConfig, d_vocab: int, seed: int):
         n_layers=model.n_layers, d_model=model.d_model, n_heads=model.n_heads,
         d_head=model.d_model // model.n_heads, d_mlp=model.d_mlp, n_ctx=model.n_ctx,
         d_vocab=d_vocab, act_fn=model.act_fn, normalization_type="LN", seed=seed,
-        default_prepend_bos=False,
+        default_prepend_bos=False, device="cpu",  # TransformerLens would pick a GPU itself; `compute` decides
     )
 
 
@@ -257,10 +258,8 @@ class LMModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.model(batch, return_type="loss")
-        if not torch.isfinite(loss):
-            raise TrainingError(f"training loss is {loss.item()} at step {self.global_step}; "
-                                "lower the learning rate or check the data")
-        self.log("train/loss", loss, prog_bar=True)
+        fail_if_not_finite(loss, self.trainer, "language-model", "lower the learning rate or check the data")
+        self.log("train/loss", loss, prog_bar=True, sync_dist=self.trainer.world_size > 1)  # global-batch mean
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -27,9 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset
 
 from stagediff.activations import ActivationCache
-from stagediff.compute import compile_sae, rank_share, uncompile_sae
+from stagediff.compute import compile_sae, fail_if_not_finite, rank_share, uncompile_sae
 from stagediff.config import SAEConfig, TrainConfig
-from stagediff.errors import DataError, TrainingError
+from stagediff.errors import DataError
 from stagediff.io import write_json
 from stagediff.training import adamw_with_schedule
 
@@ -194,7 +194,8 @@ class SAEModule(L.LightningModule):
 
         self.sae, self.train_cfg, self.dead_feature_window = sae, train, dead_feature_window
         self.compile = compile
-        self.register_buffer("steps_since_fired", torch.zeros(sae.cfg.d_sae))
+        # An integer buffer: mixed precision may cast float buffers to bf16, where counting stalls at 256.
+        self.register_buffer("steps_since_fired", torch.zeros(sae.cfg.d_sae, dtype=torch.long))
         self.coefficients = {}
         for name, coeff in sae.get_coefficients().items():
             if not isinstance(coeff, TrainCoefficientConfig):
@@ -217,26 +218,29 @@ class SAEModule(L.LightningModule):
         out = self.sae.training_forward_pass(TrainStepInput(
             sae_in=batch, coefficients={n: s.value for n, s in self.coefficients.items()},
             dead_neuron_mask=self.dead_mask(), n_training_steps=self.global_step, is_logging_step=False))
-        if not torch.isfinite(out.loss):
-            raise TrainingError(f"SAE training loss is {out.loss.item()} at step {self.global_step}; "
-                                   "lower the learning rate or check the activations")
+        step = self.global_step + 1  # Lightning writes logs when this is a multiple of log_every_n_steps
+        last = step == self.train_cfg.max_steps
+        # Reading a value back from the device stalls a GPU, so the finite-loss check and the
+        # logged values wait for the steps whose logs are written (step 0 is checked).
+        written = step % self.trainer.log_every_n_steps == 0 or last
+        if written or self.global_step == 0:
+            fail_if_not_finite(out.loss, self.trainer, "SAE", "lower the learning rate or check the activations")
         with torch.no_grad():
             fired, l0 = firing(out.feature_acts)
             if self.trainer.world_size > 1:  # a latent fired if it fired on any rank's share
-                fired = self.trainer.strategy.reduce(fired.float(), reduce_op="sum") > 0
-            self.steps_since_fired += 1
-            self.steps_since_fired[fired] = 0
-            self.log("train/loss", out.loss, prog_bar=True)
-            step = self.global_step + 1  # Lightning writes logs when this is a multiple of log_every_n_steps
-            last = step == self.train_cfg.max_steps
-            if step % self.trainer.log_every_n_steps == 0 or last:  # the rest only when it is written
-                details = {f"train/{k}": v for k, v in out.losses.items()}
+                counts = fired.to(torch.int32)
+                torch.distributed.all_reduce(counts)  # no barrier: Lightning's reduce() would add one per step
+                fired = counts > 0
+            self.steps_since_fired.add_(1).mul_(~fired)  # reset where fired, without a device sync
+            if written:
+                details = {"train/loss": out.loss, **{f"train/{k}": v for k, v in out.losses.items()}}
                 details.update({"train/explained_variance": explained_variance(batch, out.sae_out),
                                 "train/l0": l0,
                                 "train/dead_fraction": self.dead_mask().float().mean()})
-                self.log_dict(details, prog_bar=True)
+                # (with several ranks: the mean over ranks, i.e. over the global batch)
+                self.log_dict(details, prog_bar=True, sync_dist=self.trainer.world_size > 1)
                 if last:
-                    self.final_metrics = {"train/loss": float(out.loss), **{k: float(v) for k, v in details.items()}}
+                    self.final_keys = list(details)
         return out.loss
 
     def on_fit_start(self):
@@ -248,8 +252,9 @@ class SAEModule(L.LightningModule):
 
     def on_train_end(self):
         # A run shorter than Lightning's logging interval would leave no curve at all.
-        if self.logger is not None and getattr(self, "final_metrics", None):
-            self.logger.log_metrics(self.final_metrics, step=self.global_step)
+        if self.logger is not None and getattr(self, "final_keys", None):
+            logged = self.trainer.callback_metrics  # as logged: averaged over ranks under DDP
+            self.logger.log_metrics({k: float(logged[k]) for k in self.final_keys}, step=self.global_step)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         for scheduler in self.coefficients.values():

