@@ -28,7 +28,6 @@ from conftest import stagediff_env, with_changes
 
 pytestmark = pytest.mark.slow
 
-YAML_SAFE = YAML(typ="safe", pure=True)
 CHECKPOINT_EVERY = 20  # val_every: a checkpoint each 20 steps; Lightning logs every 10
 # (case, command, training section in params, steps: enough to be killed before the end)
 TRAINING_STAGES = [
@@ -61,11 +60,12 @@ def mlflow_runs(ws: Path, stage: str) -> list:
 
 def kill_and_resume(case: str, command: list[str], section: str, steps: int, source: Path, tmp: Path) -> dict:
     ws = Path(shutil.copytree(source, tmp / case, ignore=shutil.ignore_patterns("repro.log")))
-    params = YAML_SAFE.load((ws / "params.yaml").read_text())
+    yaml = YAML(typ="safe", pure=True)  # one per call: a ruamel YAML object is not thread-safe (the cases run in threads)
+    params = yaml.load((ws / "params.yaml").read_text())
     params = with_changes(params, {f"{section}.max_steps": steps, f"{section}.val_every": CHECKPOINT_EVERY,
                                    f"{section}.warmup_steps": 2})
     with open(ws / "params.yaml", "w") as f:
-        YAML_SAFE.dump(params, f)
+        yaml.dump(params, f)
     metrics_file = ws / "metrics" / f"{case}.json"
     metrics_before = metrics_file.read_bytes()
     argv = [sys.executable, "-m", "stagediff", *command]
