@@ -92,6 +92,18 @@ def micro_runs(tmp_path_factory) -> tuple[Path, Path]:
     return roots[0], roots[1]
 
 
+def mlflow_runs(ws: Path, stage: str) -> tuple:
+    """(client, the stage's MLflow runs in a workspace, oldest first); an absolute store URI per
+    workspace, since MLflow keeps one store per URI in a process."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{ws}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("stagediff")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`stagediff.stage` = '{stage}'",
+                              order_by=["attributes.start_time ASC"])
+    return client, runs
+
+
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stagediff", *args], cwd=cwd, env=stagediff_env(),
                           capture_output=True, text=True)

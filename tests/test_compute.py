@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_config, run_cli, with_changes
+from conftest import make_config, mlflow_runs, run_cli, with_changes
 from stagediff import compute
 from stagediff.errors import ConfigError
 
@@ -143,11 +142,9 @@ def test_sparse_topk_trains_like_dense_topk_on_the_gpu(tmp_path, monkeypatch):
 
 # --- two processes (gloo) vs one -----------------------------------------------------------------
 
-def _final_train_loss(ws: Path, run_name: str) -> list[float]:
-    with sqlite3.connect(ws / "mlruns" / "mlflow.db") as con:
-        runs = [r[0] for r in con.execute("select run_uuid from runs where name = ? order by start_time", (run_name,))]
-        return [con.execute("select value from metrics where run_uuid = ? and key = 'train/loss' "
-                            "order by step desc limit 1", (run,)).fetchone()[0] for run in runs]
+def _final_train_loss(ws: Path, stage: str) -> list[float]:
+    client, runs = mlflow_runs(ws, stage)
+    return [max(client.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step).value for r in runs]
 
 
 @pytest.mark.slow

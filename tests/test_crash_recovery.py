@@ -24,7 +24,7 @@ import pytest
 import torch
 from ruamel.yaml import YAML
 
-from conftest import stagediff_env, with_changes
+from conftest import mlflow_runs, stagediff_env, with_changes
 
 pytestmark = pytest.mark.slow
 
@@ -46,16 +46,6 @@ TRAINING_STAGES = [
 
 def checkpoints(ws: Path) -> list[Path]:
     return sorted((ws / "checkpoints").glob("*/*/last.ckpt"))
-
-
-def mlflow_runs(ws: Path, stage: str) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{ws}/mlruns/mlflow.db")
-    exp = client.get_experiment_by_name("stagediff")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`stagediff.stage` = '{stage}'",
-                              order_by=["attributes.start_time ASC"])
-    return client, runs
 
 
 def kill_and_resume(case: str, command: list[str], section: str, steps: int, source: Path, tmp: Path) -> dict:
