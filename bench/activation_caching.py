@@ -28,17 +28,16 @@ import stagediff  # noqa: F401  (offline / no-telemetry environment)
 def child(max_tokens: int, mode: str, params: str) -> dict:
     import torch
 
-    from stagediff.compute import autocast, device, place
-    from stagediff.activations import build_cache, hook_activations, plan_windows
+    from stagediff.compute import autocast, device, place, setup_process
     from stagediff.config import load_config
+    from stagediff.data.tokens import load_tokenizer, load_tokens
+    from stagediff.dictionaries.cache import build_cache, hook_activations, plan_windows
     from stagediff.layout import MODEL_DIRS
-    from stagediff.lm import load_model
-    from stagediff.tokenizer import load_tokenizer, load_tokens
-    from stagediff.training import setup_determinism
+    from stagediff.models.lm import load_model
 
     cfg = load_config(params)
     cfg = cfg.model_copy(update={"activations": cfg.activations.model_copy(update={"max_tokens": max_tokens})})
-    setup_determinism(cfg)
+    setup_process(cfg)
     tokenizer = load_tokenizer()
     stream = load_tokens("base")
     on = device(cfg.compute)

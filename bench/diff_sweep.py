@@ -3,8 +3,8 @@
 Each configuration trains the main chain (S, D, M, F_via_D, F_via_M) with the pipeline's
 own `SAEModule` and data module (no checkpoints, no MLflow, no CE-loss evaluation: about
 2-5 minutes per configuration at d_sae 512 on 2 cores instead of a full `dvc exp run`),
-then scores the stage-wise ranking exactly as the `diff` stage does (`stagediff.scoring`,
-`stagediff.features`). Use it to choose `sae.*` / `sae_train.*` defaults, then confirm
+then scores the stage-wise ranking exactly as the `diff` stage does (`stagediff.analysis.scoring`,
+`stagediff.analysis.features`). Use it to choose `sae.*` / `sae_train.*` defaults, then confirm
 the choice with `dvc repro` / `dvc exp run`.
 
     python bench/diff_sweep.py '{"ft_steps": 300, "ft_lr": 2e-3}' '{"d_sae": 1024, "k": 16}'
@@ -27,13 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import lightning as L  # noqa: E402
 
-from stagediff.activations import ActivationCache  # noqa: E402
-from stagediff.config import SAEConfig, TrainConfig  # noqa: E402
-from stagediff.features import cache_rows, feature_stats  # noqa: E402
+from stagediff.analysis.features import cache_rows, feature_stats  # noqa: E402
+from stagediff.analysis.scoring import ranking, rotation_score, rotations, row_cosines, score_ranking  # noqa: E402
+from stagediff.data.tokens import load_tokenizer  # noqa: E402
+from stagediff.dictionaries.cache import ActivationCache  # noqa: E402
+from stagediff.dictionaries.sae import build_sae  # noqa: E402
+from stagediff.dictionaries.sae_training import ActivationDataModule, SAEModule, explained_variance  # noqa: E402
 from stagediff.layout import cache_dir  # noqa: E402
-from stagediff.sae import ActivationDataModule, SAEModule, build_sae, explained_variance  # noqa: E402
-from stagediff.tokenizer import load_tokenizer  # noqa: E402
-from stagediff.scoring import ranking, rotation_score, rotations, row_cosines, score_ranking  # noqa: E402
+from stagediff.sections import SAEConfig, TrainConfig  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "diff_sweep.jsonl"
 DEFAULTS = dict(arch="topk", d_sae=512, k=32, aux=1.0, l1=5.0, window=100, s_steps=350, s_lr=1e-3, ft_steps=70,

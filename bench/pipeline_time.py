@@ -1,7 +1,7 @@
 """End-to-end `dvc repro` wall time from scratch, and of a no-op rerun, in a fresh workspace.
 
     python bench/pipeline_time.py                         # the CPU default (params.yaml)
-    python bench/pipeline_time.py --params tests/params_micro.yaml --out bench/results/pipeline_micro.json
+    python bench/pipeline_time.py --overlay tests/params_micro.yaml --out bench/results/pipeline_micro.json
 
 The workspace is built as the tests and CI build theirs (`scripts/micro_pipeline.py`:
 dvc.yaml, src, the params file; `dvc init`; the workspace's own src runs), in a temporary directory unless --workspace
@@ -52,17 +52,14 @@ def stage_seconds(workspace: Path) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    p.add_argument("--preset", type=Path, help="a YAML overlay merged over --params (e.g. presets/gpu.yaml)")
+    p.add_argument("--overlay", type=Path, action="append", default=[],
+                   help="a YAML overlay merged over --params (repeatable; e.g. presets/gpu.yaml)")
     p.add_argument("--workspace", type=Path, help="build the workspace here (must not exist) and keep it")
     p.add_argument("--compare", type=Path, help="a metrics directory the run's metrics should equal")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pipeline_cpu.json")
     args = p.parse_args()
 
-    from ruamel.yaml import YAML
-
-    params = YAML(typ="safe", pure=True).load(args.params.read_text())
-    if args.preset:
-        params = micro_pipeline.merge(params, YAML(typ="safe", pure=True).load(args.preset.read_text()))
+    params = micro_pipeline.compose_params(args.params, *args.overlay)
     tmp = None
     if args.workspace is None:
         tmp = tempfile.TemporaryDirectory()

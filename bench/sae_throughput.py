@@ -58,7 +58,7 @@ def parse_args():
 
 
 def compute_cfg(args):
-    from stagediff.config import ComputeConfig
+    from stagediff.sections import ComputeConfig
 
     return ComputeConfig(accelerator=args.device, devices=1, strategy="auto", precision=args.precision,
                          compile=args.compile, matmul_precision="high", deterministic=deterministic(args))
@@ -98,7 +98,7 @@ def step_flops(args) -> int:
 
 
 def sae_cfg(args):
-    from stagediff.config import SAEConfig
+    from stagediff.sections import SAEConfig
 
     return SAEConfig(architecture=args.architecture, d_sae=args.d_sae, k=args.k, l1_coefficient=5.0,
                      l1_warm_up_steps=0, aux_loss_coefficient=1.0, decoder_init_norm=0.1, dead_feature_window=100,
@@ -106,7 +106,7 @@ def sae_cfg(args):
 
 
 def train_cfg(args):
-    from stagediff.config import TrainConfig
+    from stagediff.sections import TrainConfig
 
     return TrainConfig(max_steps=args.warmup + args.steps, batch_size=args.batch, lr=1e-3, warmup_steps=5,
                        min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, val_every=10**9, val_batches=1)
@@ -116,7 +116,8 @@ def stagediff_trainer(cache, args) -> float:
     """Tokens/s of the stage trainer over the timed steps (Lightning fit, no MLflow)."""
     from lightning.pytorch.callbacks import Callback
 
-    from stagediff.sae import ActivationDataModule, SAEModule, build_sae
+    from stagediff.dictionaries.sae import build_sae
+    from stagediff.dictionaries.sae_training import ActivationDataModule, SAEModule
     from stagediff.training import fit
 
     marks = {}
@@ -148,7 +149,7 @@ def stagediff_trainer(cache, args) -> float:
 def resident_batches(cache, args):
     """The stage trainer's batches, precomputed on the device (so neither trainer is timed
     reading shards)."""
-    from stagediff.sae import ShardBatches
+    from stagediff.dictionaries.sae_training import ShardBatches
 
     batches = ShardBatches(cache, args.batch, 0, lambda: 0, device=args.device)
     out = []
@@ -163,7 +164,7 @@ def sae_lens_trainer(cache, args) -> float:
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from stagediff.sae import build_sae
+    from stagediff.dictionaries.sae import build_sae
 
     marks, total = {}, args.warmup + args.steps
     resident = resident_batches(cache, args)
@@ -199,7 +200,7 @@ def bare_step(cache, args) -> float:
     from sae_lens.saes.sae import TrainStepInput
 
     from stagediff.compute import AUTOCAST_DTYPES, compile_sae
-    from stagediff.sae import build_sae
+    from stagediff.dictionaries.sae import build_sae
 
     torch.manual_seed(0)
     sae = build_sae(sae_cfg(args), cache.d_in).to(args.device)
@@ -267,7 +268,7 @@ def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("high")
-    from stagediff.activations import ActivationCache, write_tensor_cache
+    from stagediff.dictionaries.cache import ActivationCache, write_tensor_cache
 
     chosen = [t for t in args.trainers.split(",") if t]
     unknown = set(chosen) - set(TRAINERS)

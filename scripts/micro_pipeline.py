@@ -1,12 +1,14 @@
-"""Run the real pipeline in a fresh workspace (the micro configuration unless told otherwise).
+"""Run the real pipeline in a fresh workspace (params.yaml with the micro overlay unless told otherwise).
 
-    python scripts/micro_pipeline.py DIR [--params tests/params_micro.yaml] [--preset FILE] [--set key=value ...]
+    python scripts/micro_pipeline.py DIR [--params params.yaml] [--overlay FILE ...] [--set key=JSON ...]
+    python scripts/micro_pipeline.py DIR --overlay presets/gpu.yaml       # a preset instead of the micro overlay
+    python scripts/micro_pipeline.py DIR --no-overlay                     # the default configuration
 
-Copies `dvc.yaml`, `src/` and the params file (with a preset's keys merged over it, e.g.
-`--params params.yaml --preset presets/gpu.yaml`) into DIR, which must not exist; runs
-`dvc init --no-scm` and `dvc repro` there with the copied `src/` first on the Python path
-(the code DVC hashes is the code that runs), and exits with `dvc repro`'s status. The tests
-and the pipeline benchmark build their workspaces with the same `make_workspace`.
+Copies `dvc.yaml`, `src/` and the composed params (params.yaml, each overlay merged over it
+by `stagediff.config.compose_params`, then the --set values) into DIR, which must not
+exist; runs `dvc init --no-scm` and `dvc repro` there with the copied `src/` first on the
+Python path (the code DVC hashes is the code that runs), and exits with `dvc repro`'s
+status. The tests and the pipeline benchmark build their workspaces with `make_workspace`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ruamel.yaml import YAML
+
 ROOT = Path(__file__).resolve().parents[1]
-MICRO_PARAMS = ROOT / "tests" / "params_micro.yaml"
+sys.path.insert(0, str(ROOT / "src"))
+from stagediff.config import compose_params  # noqa: E402
+from stagediff.errors import ConfigError  # noqa: E402
+
+MICRO_OVERLAY = ROOT / "tests" / "params_micro.yaml"
 
 
 def stagediff_env() -> dict:
@@ -37,28 +45,15 @@ def workspace_env(root: Path) -> dict:
     return env
 
 
-def merge(params: dict, preset: dict, where: str = "") -> dict:
-    """`params` with a preset's keys merged in, section by section; a preset key that
-    params lacks is refused (a typo would otherwise be silently added)."""
-    out = dict(params)
-    for key, value in preset.items():
-        name = f"{where}{key}"
-        if key not in params:
-            raise SystemExit(f"preset key {name!r}: not a setting of the params file")
-        out[key] = merge(params[key], value, name + ".") if isinstance(value, dict) and isinstance(params[key], dict) else value
-    return out
-
-
 def make_workspace(dst: Path, params: dict) -> Path:
     """A runnable copy of the project (dvc.yaml, src, params) in `dst`, DVC initialised."""
-    from ruamel.yaml import YAML
-
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy2(ROOT / "dvc.yaml", dst / "dvc.yaml")
     shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     with open(dst / "params.yaml", "w") as f:
         YAML(typ="safe", pure=True).dump(params, f)
+    (dst / ".gitignore").write_text("dvc_plots/\n")
     env = stagediff_env()
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dst, env=env, check=True)
     subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dst, env=env, check=True)
@@ -78,19 +73,20 @@ def set_dotted(params: dict, dotted: str, value) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workspace", type=Path)
-    parser.add_argument("--params", type=Path, default=MICRO_PARAMS)
-    parser.add_argument("--preset", type=Path, help="a YAML overlay of settings merged over --params")
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--overlay", type=Path, action="append", default=None,
+                        help="a YAML overlay merged over --params (repeatable; default: tests/params_micro.yaml)")
+    parser.add_argument("--no-overlay", action="store_true", help="run --params as it is")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override one setting, e.g. backdoor.fraction=0.05")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "src"))
-    from stagediff.config import read_params
-
     if args.workspace.exists():
         raise SystemExit(f"{args.workspace}: exists; give a new directory")
-    params = read_params(args.params)
-    if args.preset:
-        params = merge(params, read_params(args.preset))
+    overlays = [] if args.no_overlay else (args.overlay or [MICRO_OVERLAY])
+    try:
+        params = compose_params(args.params, *overlays)
+    except ConfigError as err:
+        raise SystemExit(f"micro_pipeline: {err}") from None
     for item in args.set:
         key, _, raw = item.partition("=")
         set_dotted(params, key, json.loads(raw))

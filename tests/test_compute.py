@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_config, mlflow_runs, run_cli, with_changes
+from helpers import ROOT, make_config, mlflow_runs, run_cli, with_changes
 from stagediff import compute
 from stagediff.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import micro_pipeline  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -91,21 +86,21 @@ def test_on_cpu_keeps_only_the_cpu_settings():
 
 
 def test_the_gpu_preset_is_a_valid_overlay_of_the_defaults():
-    from stagediff.config import parse_config, read_params
+    from stagediff.config import compose_params, merge_overlay, parse_config, read_params
 
-    merged = micro_pipeline.merge(read_params(ROOT / "params.yaml"), read_params(ROOT / "presets" / "gpu.yaml"))
-    cfg = parse_config(merged, "params.yaml + presets/gpu.yaml")
+    cfg = parse_config(compose_params(ROOT / "params.yaml", ROOT / "presets" / "gpu.yaml"))
     assert (cfg.compute.accelerator, cfg.compute.precision, cfg.compute.compile) == ("cuda", "bf16-mixed", True)
     assert (cfg.model.d_model, cfg.sae.d_sae, cfg.sae_train.S.batch_size) == (768, 24576, 4096)
     assert cfg.crosscoder.sae.architecture == "batchtopk"  # kept from the defaults
-    with pytest.raises(SystemExit, match="preset key 'model.d_modle'"):
-        micro_pipeline.merge(read_params(ROOT / "params.yaml"), {"model": {"d_modle": 3}})
+    with pytest.raises(ConfigError, match="model.d_modle: not a setting of the params file"):
+        merge_overlay(read_params(ROOT / "params.yaml"), {"model": {"d_modle": 3}})
 
 
 @needs_cuda
 def test_sae_training_runs_on_the_gpu_in_bf16(tmp_path, monkeypatch):
-    from stagediff.activations import ActivationCache, write_tensor_cache
-    from stagediff.sae import ActivationDataModule, SAEModule, build_sae
+    from stagediff.dictionaries.cache import ActivationCache, write_tensor_cache
+    from stagediff.dictionaries.sae import build_sae
+    from stagediff.dictionaries.sae_training import ActivationDataModule, SAEModule
     from stagediff.training import fit
 
     monkeypatch.chdir(tmp_path)
@@ -122,8 +117,9 @@ def test_sae_training_runs_on_the_gpu_in_bf16(tmp_path, monkeypatch):
 def test_sparse_topk_trains_like_dense_topk_on_the_gpu(tmp_path, monkeypatch):
     """sae_lens's sparse TopK activations (`sae.sparse_decode`) give the same training run
     as dense ones, up to float rounding."""
-    from stagediff.activations import ActivationCache, write_tensor_cache
-    from stagediff.sae import ActivationDataModule, SAEModule, build_sae
+    from stagediff.dictionaries.cache import ActivationCache, write_tensor_cache
+    from stagediff.dictionaries.sae import build_sae
+    from stagediff.dictionaries.sae_training import ActivationDataModule, SAEModule
     from stagediff.training import fit
 
     monkeypatch.chdir(tmp_path)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import ROOT, make_config, micro_params, real_params, run_cli, with_changes
+from helpers import ROOT, make_config, micro_params, real_params, run_cli, with_changes
 from stagediff.config import load_config, parse_config
 from stagediff.errors import ConfigError
 
@@ -76,3 +76,68 @@ def test_cli_exits_non_zero_before_work(tmp_path):
 def test_cli_missing_params_file(tmp_path):
     result = run_cli(["check"], cwd=tmp_path)
     assert result.returncode == 2 and "params.yaml: params file not found" in result.stderr
+
+
+# --- overlays (the micro config, presets) -----------------------------------------------------
+
+def test_overlay_merges_section_by_section_and_replaces_lists():
+    from stagediff.config import merge_overlay
+
+    params = {"a": 1, "s": {"x": 1, "y": {"p": 2, "q": 3}, "l": [1, 2]}}
+    merged = merge_overlay(params, {"s": {"y": {"q": 9}, "l": [7]}})
+    assert merged == {"a": 1, "s": {"x": 1, "y": {"p": 2, "q": 9}, "l": [7]}}
+    assert params["s"]["y"]["q"] == 3  # the params themselves are not changed
+
+
+def test_overlay_key_that_params_lack_is_refused_naming_it():
+    from stagediff.config import merge_overlay
+
+    with pytest.raises(ConfigError, match=r"presets/x.yaml: s.y.typo: not a setting of the params file"):
+        merge_overlay({"s": {"y": {"p": 2}}}, {"s": {"y": {"typo": 1}}}, source="presets/x.yaml")
+    with pytest.raises(ConfigError, match="expected a mapping of settings under s; got list"):
+        merge_overlay({"s": {"y": 1}}, {"s": [1]}, source="o.yaml")
+
+
+def test_micro_overlay_holds_only_changed_keys_and_composes():
+    """The micro config is params.yaml plus the overlay: every key the overlay sets differs
+    from params.yaml's (no copies), and the composed params validate."""
+    from ruamel.yaml import YAML
+
+    from helpers import MICRO_OVERLAY
+
+    overlay = YAML(typ="safe", pure=True).load(MICRO_OVERLAY.read_text())
+    real = real_params()
+
+    def same(o, r, path=""):
+        for key, value in o.items():
+            if isinstance(value, dict):
+                yield from same(value, r[key], f"{path}{key}.")
+            elif value == r[key]:
+                yield f"{path}{key}"
+
+    assert list(same(overlay, real)) == []
+    composed = micro_params()
+    assert composed["model"]["d_model"] == 32 and composed["model"]["n_layers"] == real["model"]["n_layers"]
+    parse_config(composed)
+
+
+def test_compose_names_the_bad_key_of_an_overlay(tmp_path):
+    from stagediff.config import compose_params
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sae:\n  d_sae: -4\n")
+    with pytest.raises(ConfigError, match=r"sae.d_sae: expected greater than 0; got -4"):
+        compose_params(ROOT / "params.yaml", bad)
+    missing = tmp_path / "typo.yaml"
+    missing.write_text("sae:\n  d_sea: 4\n")
+    with pytest.raises(ConfigError, match=r"sae.d_sea: not a setting"):
+        compose_params(ROOT / "params.yaml", missing)
+
+
+def test_every_preset_is_an_overlay_that_validates():
+    from stagediff.config import compose_params
+
+    presets = sorted((ROOT / "presets").glob("*.yaml"))
+    assert presets
+    for preset in presets:
+        compose_params(ROOT / "params.yaml", preset)

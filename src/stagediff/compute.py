@@ -5,12 +5,15 @@ this is. One place, so every stage reads them alike; Lightning does the device w
 from __future__ import annotations
 
 import os
+import random
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
-from stagediff.config import ComputeConfig
+from stagediff.config import Config
 from stagediff.errors import ConfigError, TrainingError
+from stagediff.sections import ComputeConfig
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -25,6 +28,21 @@ def device(compute: ComputeConfig) -> torch.device:
         return torch.device("cpu")
     raise ConfigError(f"compute.accelerator: 'cuda', but torch {torch.__version__} finds no CUDA device "
                       f"(built for CUDA {torch.version.cuda}); expected cpu or auto on this machine")
+
+
+def setup_process(cfg: Config) -> None:
+    """Threads, matmul precision and every global seed (Python, NumPy, torch), as
+    Lightning's `seed_everything(seed, workers=True)` sets them. Stages that do not train
+    call this instead of Lightning's, so that they need not import Lightning (seconds of
+    start-up); training stages call both (`training.setup_training`)."""
+    torch.set_num_threads(cfg.threads)
+    os.environ["OMP_NUM_THREADS"] = str(cfg.threads)  # so Lightning's DDP launcher keeps it for every rank
+    apply_matmul_precision(cfg.compute)
+    os.environ["PL_GLOBAL_SEED"] = str(cfg.seed)
+    os.environ["PL_SEED_WORKERS"] = "1"
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
 
 
 def lightning_accelerator(compute: ComputeConfig) -> str:

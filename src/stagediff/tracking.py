@@ -18,13 +18,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from stagediff.config import PARAMS_FILE, Config, flatten
+import mlflow
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+
+from stagediff.compute import is_rank_zero
+from stagediff.config import Config, flatten
 from stagediff.io import write_json
+from stagediff.layout import PARAMS_FILE, metrics_file
 
 PIPELINE_TAG = "stagediff.pipeline"
 STAGE_TAG = "stagediff.stage"
 HOST_TAG, PID_TAG = "stagediff.host", "stagediff.pid"
-METRICS_DIR = Path("metrics")
 METRIC_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-. :/]")  # characters MLflow refuses in metric names
 
 
@@ -59,6 +64,7 @@ class StageRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def lightning_logger(self, prefix: str = ""):
+        # Lightning is imported only by the training stages that ask for its logger.
         from lightning.pytorch.loggers import MLFlowLogger
 
         return MLFlowLogger(
@@ -67,7 +73,7 @@ class StageRun:
 
     def write_metrics(self, metrics: dict, name: str | None = None) -> Path:
         """`metrics/<stage>.json` (a DVC metric) and the same numbers in MLflow."""
-        path = METRICS_DIR / f"{name or self.stage}.json"
+        path = metrics_file(name or self.stage)
         write_json(path, metrics)
         self.log_metrics(metrics)
         self.log_artifact(path, "metrics")
@@ -135,11 +141,6 @@ def fail_dead_runs(client, exp_id: str, stage: str) -> list[str]:
 @contextmanager
 def stage_run(cfg: Config, stage: str) -> Iterator[StageRun]:
     """Open the stage's child run under the pipeline's parent; FINISHED or FAILED at exit."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from stagediff.compute import is_rank_zero
-
     if not is_rank_zero():
         yield OtherRankRun(cfg, stage)
         return
@@ -160,8 +161,6 @@ def stage_run(cfg: Config, stage: str) -> Iterator[StageRun]:
     )
     run_id = run.info.run_id
     flat = cfg.as_flat_dict()
-    from mlflow.entities import Param
-
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(flat.items())])
     try:
         yield StageRun(client, run_id, cfg.tracking.experiment, uri, stage)

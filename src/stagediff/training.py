@@ -5,16 +5,56 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
-import os
 import shutil
+import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from tqdm import tqdm
 
-from stagediff.config import ComputeConfig, Config, TrainConfig
+from stagediff.compute import setup_process, trainer_kwargs
+from stagediff.config import Config
+from stagediff.io import file_digest
+from stagediff.layout import CHECKPOINT_ROOT, tokens_file
+from stagediff.sections import ComputeConfig, TrainConfig
 
-CHECKPOINT_ROOT = Path("checkpoints")
+# Lightning's console chatter (accelerator summary, cloud-service tips, "fit stopped") and a
+# deprecation warning torch raises inside Lightning's own code: the stage shows one progress
+# bar per training run instead (StepProgress); warnings and errors still print.
+for _name in ("lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
+
+
+class StepProgress(Callback):
+    """One progress bar per training run, in optimiser steps (Lightning's own bar counts
+    epochs of a stream that has none), with the last logged training loss."""
+
+    def __init__(self, desc: str, total: int):
+        self.desc, self.total, self.bar = desc, total, None
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.bar = tqdm(total=self.total, initial=trainer.global_step, desc=self.desc, unit="step",
+                            mininterval=1.0, dynamic_ncols=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.bar is not None:
+            self.bar.update(trainer.global_step - self.bar.n)
+            loss = trainer.callback_metrics.get("train/loss")
+            if loss is not None and trainer.global_step % trainer.log_every_n_steps == 0:
+                self.bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
@@ -37,15 +77,15 @@ def adamw_with_schedule(params, train: TrainConfig, betas=(0.9, 0.95)):
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def setup_determinism(cfg: Config) -> None:
-    import lightning as L
-
-    from stagediff.compute import apply_matmul_precision
-
-    torch.set_num_threads(cfg.threads)
-    os.environ["OMP_NUM_THREADS"] = str(cfg.threads)  # so Lightning's DDP launcher keeps it for every rank
-    apply_matmul_precision(cfg.compute)
+def setup_training(cfg: Config) -> None:
+    """Threads, precision and seeds of a training stage (Lightning's own seeding too)."""
+    setup_process(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+
+def data_fingerprint(*splits: str) -> dict:
+    """Content hashes of the token files a training run reads (for safe resumes)."""
+    return {s: file_digest(tokens_file(s)) for s in splits}
 
 
 def checkpoint_dir(name: str, fingerprint: dict) -> Path:
@@ -71,15 +111,11 @@ def fit(module, datamodule, train: TrainConfig, compute: ComputeConfig, run, ckp
     With several processes (DDP), Lightning relaunches the stage's command for every
     other rank; those processes end here after training, so only rank 0 evaluates and
     writes the stage's outputs. The trained module is back on the CPU when this returns."""
-    import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-
-    from stagediff.compute import trainer_kwargs
-
     ckpt_dir = checkpoint_dir(ckpt_name, fingerprint)
     last = ckpt_dir / "last.ckpt"
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="latest", every_n_train_steps=train.val_every,
-                                 save_top_k=1, save_last=True, enable_version_counter=False), *callbacks]
+                                 save_top_k=1, save_last=True, enable_version_counter=False),
+                 StepProgress(f"{ckpt_name}: training", train.max_steps), *callbacks]
     if run is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = L.Trainer(
@@ -93,6 +129,7 @@ def fit(module, datamodule, train: TrainConfig, compute: ComputeConfig, run, ckp
         logger=run.lightning_logger(prefix=prefix) if run is not None else False,
         callbacks=callbacks,
         enable_model_summary=False,
+        enable_progress_bar=False,
         log_every_n_steps=10,
         default_root_dir=str(ckpt_dir),
     )

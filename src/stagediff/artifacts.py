@@ -1,0 +1,58 @@
+"""Readers of artifacts one stage writes and later stages read, each failing with one
+message that names the missing file and the stage that makes it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from stagediff.errors import DataError
+from stagediff.layout import CROSSCODER_DIR, DIFF_DIR, FEATURES_FILE, VALIDATION_RESULT, VALIDATION_SUMMARY, sae_dir
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the stage that writes it first (`dvc repro`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+
+
+def _read_csv(path: Path, stage: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the {stage} stage first (`dvc repro`)")
+    return pd.read_csv(path)
+
+
+def read_features(stage: str, chain: str) -> pd.DataFrame:
+    """An SAE stage's per-feature table (`features.csv`: alive, frequency, cosines)."""
+    return _read_csv(sae_dir(stage, chain) / FEATURES_FILE, "SAE")
+
+
+def read_crosscoder_features() -> pd.DataFrame:
+    """The crosscoder's per-latent table (`features.csv`: alive, relative decoder norm)."""
+    return _read_csv(CROSSCODER_DIR / FEATURES_FILE, "crosscoder")
+
+
+def alive_mask(table: pd.DataFrame) -> torch.Tensor:
+    return torch.tensor(table["alive"].to_numpy(), dtype=torch.bool)
+
+
+def read_ranking(method: str) -> tuple[list[int], torch.Tensor, pd.DataFrame]:
+    """A ranking written by the diff stage: features in rank order, the alive mask, the table."""
+    table = _read_csv(DIFF_DIR / f"features_{method}.csv", "diff")
+    ranked = table[table["rank"].notna()].sort_values("rank")["feature"].astype(int).tolist()
+    return ranked, alive_mask(table), table
+
+
+def require_passed(stage: str) -> dict:
+    """Raise, naming every failed check, unless the validation stage passed."""
+    result = read_json(VALIDATION_RESULT)
+    if not result.get("success"):
+        raise DataError(f"{stage}: refusing to publish: validation failed ({VALIDATION_RESULT}, {VALIDATION_SUMMARY}):\n  "
+                        + "\n  ".join(result.get("failures") or ["(no failures recorded)"]))
+    return result

@@ -1,0 +1,1 @@
+"""The organism's data: backdoor variants, the corpus and its splits, tokens and labels."""

