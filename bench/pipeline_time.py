@@ -2,6 +2,7 @@
 
     python bench/pipeline_time.py                         # the CPU default (params.yaml)
     python bench/pipeline_time.py --overlay tests/params_micro.yaml --out bench/results/pipeline_micro.json
+    python bench/pipeline_time.py --set 'backdoor.variant="code_vuln"' --out bench/results/pipeline_code_vuln_cpu.json
 
 The workspace is built as the tests and CI build theirs (`scripts/micro_pipeline.py`:
 dvc.yaml, src, the params file; `dvc init`; the workspace's own src runs), in a temporary directory unless --workspace
@@ -54,12 +55,17 @@ def main() -> None:
     p.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     p.add_argument("--overlay", type=Path, action="append", default=[],
                    help="a YAML overlay merged over --params (repeatable; e.g. presets/gpu.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="override one setting, e.g. backdoor.variant='\"code_vuln\"'")
     p.add_argument("--workspace", type=Path, help="build the workspace here (must not exist) and keep it")
     p.add_argument("--compare", type=Path, help="a metrics directory the run's metrics should equal")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pipeline_cpu.json")
     args = p.parse_args()
 
     params = micro_pipeline.compose_params(args.params, *args.overlay)
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        micro_pipeline.set_dotted(params, key, json.loads(raw))
     tmp = None
     if args.workspace is None:
         tmp = tempfile.TemporaryDirectory()
@@ -74,7 +80,7 @@ def main() -> None:
     print(f"no-op dvc repro: {noop:.1f} s; dvc status: {status:.1f} s", flush=True)
     stages = stage_seconds(ws)
     result = {
-        "params": str(args.params), "machine": {"cpu": platform.processor() or platform.machine(),
+        "params": str(args.params), "overlays": [str(o) for o in args.overlay], "set": args.set, "machine": {"cpu": platform.processor() or platform.machine(),
                                                 "cores": os.cpu_count()},
         "repro_from_scratch_s": scratch, "noop_repro_s": noop, "status_s": status,
         "stage_run_s": stages, "stage_run_total_s": sum(stages.values()),

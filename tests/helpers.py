@@ -109,3 +109,19 @@ def random_sae(d_in: int, d_sae: int = 24, seed: int = 0):
         sae.b_enc.zero_()
         sae.b_dec.copy_(torch.randn(d_in, generator=gen) * 0.1)
     return sae
+
+
+def tiny_organism(root: Path, changes: dict | None = None):
+    """In `root` (the working directory): the corpus and tokenizer stages run on a small local
+    corpus, with a config small enough to train models in seconds. Returns the config."""
+    from stagediff.stages import corpus as corpus_stage
+    from stagediff.stages import tokenizer as tokenizer_stage
+
+    path = write_jsonl(root / "local.jsonl", local_turns(600, 80))
+    cfg = make_config({"corpus.source": "local", "corpus.path": str(path), "corpus.max_samples": 10_000,
+                       "corpus.n_eval_prompts": 10, "backdoor.fraction": 0.05, "tokenizer.vocab_size": 400,
+                       "train_base.max_steps": 6, "finetune.max_steps": 4, "steer.fit_prompts": 4,
+                       **(changes or {})})
+    corpus_stage.run(cfg)
+    tokenizer_stage.run(cfg)
+    return cfg

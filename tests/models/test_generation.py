@@ -44,16 +44,19 @@ def interventions(model, tokenizer, splice, crosscoder) -> dict:
 
 
 def test_cached_generation_equals_full_recompute_batched_and_single(model, tokenizer, splice, crosscoder):
+    """Left-padded cached batches give each prompt the tokens of the right-padded full
+    recompute, and of the prompt generated alone, under every kind of intervention."""
     eot = separator_id(tokenizer)
     encoded = encode_prompts(tokenizer, PROMPTS)
+    assert len({len(e) for e in encoded}) > 2  # prompts of different lengths share batches
     outputs = {}
     for name, hooks_for in interventions(model, tokenizer, splice, crosscoder).items():
-        for idx in length_batches(encoded, batch_size=8):
-            rows = torch.tensor([encoded[i] for i in idx])
+        for idx in length_batches(encoded, batch_size=3):
+            rows = [encoded[i] for i in idx]
             cached = generate_cached(model, rows, 8, eot, hooks_for)
             assert cached == generate_full(model, rows, 8, eot, hooks_for), name
-            for j, i in enumerate(idx):  # one prompt alone: the same tokens
-                assert generate_cached(model, rows[j : j + 1], 8, eot, hooks_for) == [cached[j]], (name, i)
+            for row, tokens in zip(rows, cached):  # one prompt alone: the same tokens
+                assert generate_cached(model, [row], 8, eot, hooks_for) == [tokens], name
             outputs[name] = outputs.get(name, []) + cached
     assert outputs["splice, no edit"] == outputs["none"]  # the error term keeps the model's own output
     changed = [name for name, out in outputs.items() if out != outputs["none"]]
@@ -62,14 +65,11 @@ def test_cached_generation_equals_full_recompute_batched_and_single(model, token
 
 def test_cached_generation_equals_transformer_lens_generate(model, tokenizer):
     eot = separator_id(tokenizer)
-    encoded = encode_prompts(tokenizer, PROMPTS)
-    for idx in length_batches(encoded, batch_size=8):
-        rows = torch.tensor([encoded[i] for i in idx])
+    for ids in encode_prompts(tokenizer, PROMPTS):
+        rows = torch.tensor([ids])
         theirs = model.generate(rows, max_new_tokens=8, do_sample=False, stop_at_eos=True, eos_token_id=eot,
-                                verbose=False)[:, rows.shape[1]:]
-        ours = torch.tensor(generate_cached(model, rows, 8, eot))
-        # TransformerLens pads finished rows with the end-of-text token as we do
-        assert torch.equal(ours, theirs)
+                                verbose=False)[0, rows.shape[1]:].tolist()
+        assert generate_cached(model, [ids], 8, eot) == [theirs]
 
 
 def test_greedy_complete_cuts_at_end_of_text_and_decodes(model, tokenizer):
@@ -77,16 +77,16 @@ def test_greedy_complete_cuts_at_end_of_text_and_decodes(model, tokenizer):
     encoded = encode_prompts(tokenizer, PROMPTS)
     texts = greedy_complete(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=2)
     for prompt_ids, text in zip(encoded, texts):
-        new = generate_full(model, torch.tensor([prompt_ids]), 8, eot)[0]
+        new = generate_full(model, [prompt_ids], 8, eot)[0]
         new = new[: new.index(eot)] if eot in new else new
         assert text == tokenizer.decode(new)
     assert any(texts)
 
 
-def test_length_batches_hold_prompts_of_one_length():
+def test_length_batches_sort_by_length():
     encoded = [[1, 2], [1], [3, 4], [5], [6, 7, 8], [9, 9]]
     batches = length_batches(encoded, batch_size=2)
-    assert batches == [[1, 3], [0, 2], [5], [4]]
+    assert batches == [[1, 3], [0, 2], [5, 4]]
     assert sorted(i for b in batches for i in b) == list(range(len(encoded)))
 
 

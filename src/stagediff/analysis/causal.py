@@ -11,11 +11,11 @@ from stagediff.config import Config
 from stagediff.data.backdoor import Backdoor
 from stagediff.data.corpus import PROMPT_KINDS
 from stagediff.data.tokens import load_tokens
-from stagediff.dictionaries.cache import hook_activations
+from stagediff.dictionaries.cache import hook_activations, hook_layer
 from stagediff.dictionaries.splice import marker_positions
 from stagediff.errors import DataError
 from stagediff.layout import PROMPTS_FILE, tokens_file
-from stagediff.models.evaluate import windows_loss
+from stagediff.models.evaluate import resume_point, windows_loss
 from stagediff.models.generation import encode_prompts, greedy_complete
 from stagediff.models.windows import TokenWindows
 
@@ -70,6 +70,8 @@ class Bench:
         self.prompts = {k: [p["prompt"] for p in v] for k, v in eval_prompts.items()}
         self.windows = windows
         self.backdoor = Backdoor(cfg.backdoor)
+        # every intervention acts at the hook's layer or later: the layers before it run once
+        self.resumed = resume_point(model, windows, hook_layer(cfg.activations.hook), cfg.eval.batch_size)
         # one bar for the whole stage, counting measured settings (rates and clean losses)
         self.progress = tqdm(desc=f"{stage}: measurements", unit="run", mininterval=1.0, dynamic_ncols=True)
         self.clean_loss = self.loss(None)
@@ -88,7 +90,7 @@ class Bench:
         return sum(self.backdoor.shows_behaviour(c) for c in completions) / len(completions)
 
     def loss(self, hooks_for) -> float:
-        loss = windows_loss(self.model, self.windows, self.cfg.eval.batch_size, hooks_for)
+        loss = windows_loss(self.model, self.windows, self.cfg.eval.batch_size, hooks_for, self.resumed)
         self.progress.update()
         return loss
 

@@ -24,8 +24,8 @@ class FeatureStats:
 
     total: torch.Tensor      # [d] sum of activations
     backdoor: torch.Tensor   # [d] sum on backdoor-turn tokens (label > 0)
-    top_token: torch.Tensor  # [d] token id carrying the largest share of the activation
-    top_token_total: torch.Tensor  # [d] sum on that token id
+    top_token: torch.Tensor | None  # [d] token id carrying the largest share of the activation (None: not measured)
+    top_token_total: torch.Tensor | None  # [d] sum on that token id
     fires: torch.Tensor      # [d] rows where the feature is active
     n_rows: int
     backdoor_fires: torch.Tensor | None = None  # [d] backdoor-turn rows where the feature is active
@@ -36,6 +36,8 @@ class FeatureStats:
 
     @property
     def concentration(self) -> torch.Tensor:
+        if self.top_token_total is None:
+            raise ValueError("concentration needs the per-token sums (feature_stats(..., by_token=True))")
         return torch.where(self.total > 0, self.top_token_total / self.total.clamp_min(1e-30),
                            torch.zeros_like(self.total))
 
@@ -69,13 +71,14 @@ def cache_rows(cache, chunk: int = ROW_CHUNK) -> Rows:
 
 @torch.no_grad()
 def feature_stats(encode: Callable[[torch.Tensor], torch.Tensor], rows: Rows, d_sae: int, vocab_size: int,
-                  desc: str = "") -> FeatureStats:
-    """One pass over `rows`: per-feature totals, backdoor share and per-token sums."""
+                  desc: str = "", by_token: bool = True) -> FeatureStats:
+    """One pass over `rows`: per-feature totals, backdoor share and (`by_token`) per-token
+    sums, the costliest part, which only the top token and the concentration need."""
     total = torch.zeros(d_sae, dtype=torch.float64)
     backdoor = torch.zeros(d_sae, dtype=torch.float64)
     fires = torch.zeros(d_sae, dtype=torch.long)
     backdoor_fires = torch.zeros(d_sae, dtype=torch.long)
-    per_token = torch.zeros(vocab_size, d_sae, dtype=torch.float64)
+    per_token = torch.zeros(vocab_size if by_token else 0, d_sae, dtype=torch.float64)
     n_rows = 0
     for chunk in tqdm(rows, desc=desc or "feature statistics", unit="chunk", mininterval=2.0, disable=not desc):
         acts = encode(chunk["acts"]).double()
@@ -84,8 +87,11 @@ def feature_stats(encode: Callable[[torch.Tensor], torch.Tensor], rows: Rows, d_
         backdoor += in_turn.sum(0)
         backdoor_fires += (in_turn > 0).sum(0)
         fires += (acts > 0).sum(0)
-        per_token.index_add_(0, chunk["tokens"].long(), acts)
+        if by_token:
+            per_token.index_add_(0, chunk["tokens"].long(), acts)
         n_rows += len(acts)
+    if not by_token:
+        return FeatureStats(total, backdoor, None, None, fires, n_rows, backdoor_fires)
     top_total, top_token = per_token.max(0)
     return FeatureStats(total, backdoor, top_token, top_total, fires, n_rows, backdoor_fires)
 

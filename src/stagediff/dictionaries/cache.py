@@ -65,19 +65,21 @@ def hook_layer(hook: str) -> int:
 
 
 @torch.no_grad()
-def hook_activations(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
-    """Activations at `hook` for a batch of windows; layers after the hook are not run."""
+def hook_activations(model, tokens: torch.Tensor, hook: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Activations at `hook` for a batch of windows (`attention_mask`: 0 on left padding);
+    layers after the hook are not run."""
     layer = hook_layer(hook)
+    padding = {} if attention_mask is None else {"attention_mask": attention_mask}
     if hook.endswith(".hook_resid_pre"):
         # The residual stream entering block L is what the model returns when stopped there.
-        return model(tokens, stop_at_layer=layer).detach().float()
+        return model(tokens, stop_at_layer=layer, **padding).detach().float()
     captured: dict[str, torch.Tensor] = {}
 
     def grab(act, hook):  # noqa: ARG001 (TransformerLens passes the hook point)
         captured["act"] = act.detach()
         return act
 
-    model.run_with_hooks(tokens, fwd_hooks=[(hook, grab)], stop_at_layer=layer + 1)
+    model.run_with_hooks(tokens, fwd_hooks=[(hook, grab)], stop_at_layer=layer + 1, **padding)
     return captured["act"].float()
 
 

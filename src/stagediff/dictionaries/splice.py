@@ -30,6 +30,7 @@ import torch
 from stagediff.dictionaries.cache import hook_activations
 from stagediff.dictionaries.sae import load_inference_sae, read_stage_info
 from stagediff.errors import DataError
+from stagediff.models.generation import context_mask
 
 Edit = Callable[[torch.Tensor], torch.Tensor]  # features [..., d_sae] -> edited features
 Positions = Callable[[torch.Tensor], torch.Tensor] | None  # tokens [B, T] -> bool mask [B, T]; None: everywhere
@@ -76,7 +77,7 @@ class Splice:
         positions of `tokens` (the whole context: the partner model reads all of it)."""
         if self.partner is None:
             return act.float()
-        base = hook_activations(self.partner, tokens, self.hook)[:, tokens.shape[1] - act.shape[1]:]
+        base = hook_activations(self.partner, tokens, self.hook, context_mask(tokens))[:, tokens.shape[1] - act.shape[1]:]
         return torch.cat([base * self.factors[0], act.float() * self.factors[1]], dim=-1)
 
     def _output(self, recon: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@ intervention: the clean-loss figure of every stage."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from stagediff.config import Config
@@ -24,16 +26,44 @@ def mean_loss(model, data: dict[str, torch.Tensor], n_ctx: int, batch_size: int,
 
 
 @torch.no_grad()
-def windows_loss(model, windows: torch.Tensor, batch_size: int, hooks_for: HooksFor | None = None) -> float:
+def windows_loss(model, windows: torch.Tensor, batch_size: int, hooks_for: HooksFor | None = None,
+                 resumed: ResumedWindows | None = None) -> float:
+    """Mean next-token loss over `windows`, in batches of `batch_size`. With `resumed`
+    (the same windows' residual stream entering a layer, from `resume_point`), each pass
+    starts at that layer: the layers before it are the same under every intervention at
+    or after it, so they are run once, not per intervention (same batches, same values)."""
     total, count = 0.0, 0
     model.eval()
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
         hooks = hooks_for(batch, 0) if hooks_for else []
-        loss = model.run_with_hooks(batch, return_type="loss", fwd_hooks=hooks) if hooks else model(batch, return_type="loss")
+        if resumed is not None:
+            loss = model.run_with_hooks(resumed.resid[start : start + batch_size], start_at_layer=resumed.layer,
+                                        tokens=batch, return_type="loss", fwd_hooks=hooks)
+        elif hooks:
+            loss = model.run_with_hooks(batch, return_type="loss", fwd_hooks=hooks)
+        else:
+            loss = model(batch, return_type="loss")
         total += loss.item() * len(batch)
         count += len(batch)
     return total / count
+
+
+@dataclass(frozen=True)
+class ResumedWindows:
+    """The residual stream entering `layer` on some windows, to resume forward passes from."""
+
+    layer: int
+    resid: torch.Tensor
+
+
+@torch.no_grad()
+def resume_point(model, windows: torch.Tensor, layer: int, batch_size: int) -> ResumedWindows:
+    """The residual stream entering `layer` on `windows`, computed in the batches
+    `windows_loss` uses (so a resumed pass sees exactly the values a full one would)."""
+    model.eval()
+    resid = [model(windows[s : s + batch_size], stop_at_layer=layer) for s in range(0, len(windows), batch_size)]
+    return ResumedWindows(layer, torch.cat(resid))
 
 
 def clean_loss(model, cfg: Config, heldout_tokens: dict[str, torch.Tensor]) -> float:

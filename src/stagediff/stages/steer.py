@@ -91,9 +91,9 @@ def splices_and_levels(cfg: Config, model, tokenizer) -> tuple[dict, dict, dict]
     for name, splice in splices.items():
         clean_cache, mixture_cache = caches[name]
         means[name] = feature_stats(splice.sae.encode, cache_rows(clean_cache), splice.d_sae, vocab,
-                                    desc=f"{name}: means on base data").mean
+                                    desc=f"{name}: means on base data", by_token=False).mean
         levels[name] = feature_stats(splice.sae.encode, cache_rows(mixture_cache), splice.d_sae, vocab,
-                                     desc=f"{name}: levels on backdoor tokens").backdoor_level
+                                     desc=f"{name}: levels on backdoor tokens", by_token=False).backdoor_level
     return splices, means, levels
 
 
