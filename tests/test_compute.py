@@ -159,7 +159,7 @@ def test_the_sae_stage_trained_by_two_ddp_processes_matches_one(micro_runs, tmp_
     out = run_cli(["sae", "--stage", "S"], ws)
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stdout + out.stderr
-    assert "distributed_backend=gloo" in log and "MEMBER: 2/2" in log and "Starting with 2 processes" in log, log[-3000:]
+    assert "sae_S: training: 2 processes (DDPStrategy, gloo)" in log, log[-3000:]
     ddp = json.loads((ws / "metrics" / "sae_S.json").read_text())
     assert ddp["mse"] == pytest.approx(single["mse"], rel=1e-3)
     assert ddp["explained_variance"] == pytest.approx(single["explained_variance"], abs=1e-3)

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -41,6 +42,10 @@ class StepProgress(Callback):
 
     def on_train_start(self, trainer, pl_module):
         if trainer.is_global_zero:
+            if trainer.world_size > 1:
+                backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
+                print(f"{self.desc}: {trainer.world_size} processes ({trainer.strategy.__class__.__name__}, "
+                      f"{backend})", file=sys.stderr, flush=True)
             self.bar = tqdm(total=self.total, initial=trainer.global_step, desc=self.desc, unit="step",
                             mininterval=1.0, dynamic_ncols=True)
 
@@ -55,6 +60,9 @@ class StepProgress(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.on_train_end(trainer, pl_module)  # the error message starts on a line of its own
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
@@ -133,6 +141,9 @@ def fit(module, datamodule, train: TrainConfig, compute: ComputeConfig, run, ckp
         log_every_n_steps=10,
         default_root_dir=str(ckpt_dir),
     )
+    if last.is_file():
+        print(f"{ckpt_name}: resuming from {last} (a run with these settings was interrupted)", file=sys.stderr,
+              flush=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # every rank leaves cleanly before rank 0 evaluates

@@ -103,7 +103,7 @@ def test_killed_training_resumes_from_its_checkpoint(case, outcomes):
     assert out["status_after_kill"] == "RUNNING"  # SIGKILL: the process could not close its run
     rerun = out["rerun"]
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "Restoring states from the checkpoint path" in rerun.stdout + rerun.stderr
+    assert f"{case}: resuming from checkpoints/{case}/" in rerun.stdout + rerun.stderr
     # resumed, not restarted: the rerun logged no training step before the checkpoint's
     assert out["logged_steps"] and min(out["logged_steps"]) >= out["ckpt_step"]
     assert out["killed"].info.status == "FAILED" and out["resumed"].info.status == "FINISHED"

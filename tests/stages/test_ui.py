@@ -9,8 +9,9 @@ import time
 import urllib.request
 
 import pytest
+from ruamel.yaml import YAML
 
-from helpers import make_config, stagediff_env
+from helpers import make_config, micro_params, stagediff_env
 from stagediff.errors import ConfigError
 from stagediff.stages.ui import ui_command
 
@@ -45,12 +46,14 @@ def listening_addresses(port: int) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net/tcp")
 def test_ui_serves_on_loopback_only(tmp_path):
-    from helpers import ROOT
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "stagediff", "--params", str(ROOT / "tests/params_micro.yaml"),
+    params = tmp_path / "params.yaml"
+    with open(params, "w") as f:
+        YAML(typ="safe", pure=True).dump(micro_params(), f)
+    proc = subprocess.Popen([sys.executable, "-m", "stagediff", "--params", str(params),
                              "ui", "--port", str(port)], cwd=tmp_path, env=stagediff_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
