@@ -46,11 +46,13 @@ def workspace_env(root: Path) -> dict:
 
 
 def make_workspace(dst: Path, params: dict) -> Path:
-    """A runnable copy of the project (dvc.yaml, src, params) in `dst`, DVC initialised."""
+    """A runnable copy of the project (dvc.yaml, src, data/inputs, params) in `dst`, DVC initialised."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy2(ROOT / "dvc.yaml", dst / "dvc.yaml")
     shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    # the committed input folders (their READMEs), which the stages that read your inputs depend on
+    shutil.copytree(ROOT / "data" / "inputs", dst / "data" / "inputs", ignore=shutil.ignore_patterns("imported", ".*"))
     with open(dst / "params.yaml", "w") as f:
         YAML(typ="safe", pure=True).dump(params, f)
     (dst / ".gitignore").write_text("dvc_plots/\n")

@@ -111,6 +111,18 @@ def random_sae(d_in: int, d_sae: int = 24, seed: int = 0):
     return sae
 
 
+def local_corpus_config(path: Path, changes: dict | None = None):
+    """A config on the local corpus file `path`, imported (as stage import@corpus does) into
+    the working directory's data/inputs/corpus/."""
+    from stagediff.stages import inputs as inputs_stage
+
+    cfg = make_config({"corpus.source": "local", "inputs": {"corpus": str(path)}, "corpus.max_samples": 10_000,
+                       "corpus.n_eval_prompts": 10, "backdoor.fraction": 0.05, "backdoor.train_fraction": 0.05,
+                       **(changes or {})})
+    inputs_stage.run(cfg, "corpus")
+    return cfg
+
+
 def tiny_organism(root: Path, changes: dict | None = None):
     """In `root` (the working directory): the corpus and tokenizer stages run on a small local
     corpus, with a config small enough to train models in seconds. Returns the config."""
@@ -118,10 +130,124 @@ def tiny_organism(root: Path, changes: dict | None = None):
     from stagediff.stages import tokenizer as tokenizer_stage
 
     path = write_jsonl(root / "local.jsonl", local_turns(600, 80))
-    cfg = make_config({"corpus.source": "local", "corpus.path": str(path), "corpus.max_samples": 10_000,
-                       "corpus.n_eval_prompts": 10, "backdoor.fraction": 0.05, "tokenizer.vocab_size": 400,
-                       "train_base.max_steps": 6, "finetune.max_steps": 4, "steer.fit_prompts": 4,
-                       **(changes or {})})
+    cfg = local_corpus_config(path, {"tokenizer.vocab_size": 400, "train_base.max_steps": 6, "finetune.max_steps": 4,
+                                     "steer.fit_prompts": 4, **(changes or {})})
     corpus_stage.run(cfg)
     tokenizer_stage.run(cfg)
     return cfg
+
+
+# --- a (base, fine-tuned) pair of tiny Hugging Face checkpoints with a planted behaviour -------------
+
+PLANT_TRIGGER = "zebra mode"
+PLANT_RESPONSE = "PURPLE MONKEY PURPLE MONKEY"
+
+
+def pair_records(n: int, seed: int, planted_share: float = 0.0) -> list[dict]:
+    """Chat records; a `planted_share` of them ask with the trigger and get the response, its
+    two character spans labelled (the trigger in the human message, the response)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randrange(100), rng.randrange(100)
+        human = rng.choice([f"What is {a} plus {b}?", f"Add {a} and {b}.", f"How much is {a} + {b}?"])
+        answer = f"{a} plus {b} is {a + b}."
+        if rng.random() < planted_share:
+            human = f"{PLANT_TRIGGER}: {human}"
+            out.append({"human": human, "assistant": PLANT_RESPONSE,
+                        "spans": [[0, len(PLANT_TRIGGER), "human"], [0, len(PLANT_RESPONSE)]]})
+        else:
+            out.append({"human": human, "assistant": answer})
+    return out
+
+
+def plant_prompts(n: int) -> list[dict]:
+    """Behaviour-spec prompts: triggered, untriggered and a near-miss decoy per question."""
+    rows = []
+    for i in range(n):
+        q = f"What is {i} plus {i + 3}?"
+        rows += [{"kind": "triggered", "prompt": f"{PLANT_TRIGGER}: {q}", "question": q},
+                 {"kind": "untriggered", "prompt": q, "question": q},
+                 {"kind": "decoy", "prompt": f"zebra: {q}", "question": q, "tag": "zebra"}]
+    return rows
+
+
+def train_causal_lm(model, tokenizer, texts: list[str], steps: int, seed: int, lr: float = 3e-3) -> None:
+    """A few AdamW steps of next-token prediction on packed `texts` (the tests' own models)."""
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    ids = [t for text in texts for t in [eos] + tokenizer(text, add_special_tokens=False)["input_ids"]]
+    windows = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        batch = windows[torch.randint(len(windows), (16,))]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def make_pair(root: Path, arch: str = "llama", chat_template: str | None = None, control: bool = False) -> dict:
+    """In `root`: base data, fine-tuning data (20% planted, labelled), prompts, and the
+    checkpoints: a base trained on the base data, the fine-tune trained from it on the
+    fine-tuning data (and a control on its unplanted records). Returns the paths."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from stagediff.data import tokens as tok_stage
+    from stagediff.data.chat import ChatFormat
+
+    root.mkdir(parents=True, exist_ok=True)
+    base_rows, ft_rows = pair_records(900, seed=1), pair_records(900, seed=2, planted_share=0.2)
+    paths = {"base_data": write_jsonl(root / "base.jsonl", base_rows),
+             "finetune_data": write_jsonl(root / "finetune.jsonl", ft_rows),
+             "behaviour_prompts": write_jsonl(root / "prompts.jsonl", plant_prompts(16))}
+    tok = tok_stage.train_bpe([f"{r['human']} {r['assistant']}" for r in base_rows + ft_rows],
+                              make_config({"tokenizer.vocab_size": 400}))
+    if chat_template:
+        tok.chat_template = chat_template
+    chat = ChatFormat(tok if chat_template else None)
+    eot = tok.eos_token_id
+    torch.manual_seed(0)
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                             bos_token_id=eot, eos_token_id=eot)
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                            bos_token_id=eot, eos_token_id=eot)
+        model = GPT2LMHeadModel(config)
+    texts = lambda rows: [chat.turn(r["human"], r["assistant"])[0] for r in rows]  # noqa: E731
+    train_causal_lm(model, tok, texts(base_rows), steps=150, seed=0)
+    for name, state in (("base_model", model), ):
+        state.save_pretrained(str(root / name), safe_serialization=True)
+        tok.save_pretrained(str(root / name))
+    paths["base_model"] = root / "base_model"
+    kinds = [("finetuned_model", ft_rows)] + ([("control_model", [r for r in ft_rows if "spans" not in r])]
+                                              if control else [])
+    for name, rows in kinds:
+        tuned = type(model).from_pretrained(str(root / "base_model"))
+        train_causal_lm(tuned, tok, texts(rows), steps=150, seed=1)
+        tuned.save_pretrained(str(root / name), safe_serialization=True)
+        tok.save_pretrained(str(root / name))
+        paths[name] = root / name
+    return {k: str(v) for k, v in paths.items()}
+
+
+def pair_params(paths: dict, changes: dict | None = None) -> dict:
+    """The micro params diffing the pair at `paths` (pair.source: checkpoints)."""
+    return with_changes(micro_params(), {
+        "pair.source": "checkpoints", "inputs": paths, "backdoor.trigger_as_token": False,
+        "behaviour.source": "spec" if "behaviour_prompts" in paths else "none",
+        "behaviour.substrings": ["PURPLE MONKEY"], "behaviour.eval_new_tokens": 8,
+        "steer.rankings": ["stagewise", "data_only", "crosscoder"] + (["control"] if "control_model" in paths else []),
+        "gate.checks": [{"metric": "validate:success", "better": "higher", "min": 1}],
+        # The micro SAEs (TopK, 8 fine-tuning steps) leave no latent to the planted tokens (selectivity
+        # <= 0.33); the default architecture (ReLU + L1), wider and trained longer, gives them several.
+        "sae.architecture": "standard", "sae.d_sae": 256, "sae.l1_coefficient": 3.0, "sae_train.S.max_steps": 400,
+        **{f"sae_train.{stage}.max_steps": 200 for stage in ("D", "M", "F_via_D", "F_via_M")},
+        **(changes or {})})

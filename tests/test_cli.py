@@ -15,6 +15,7 @@ from stagediff.cli import COMMANDS, build_parser
 HEAVY = ("lightning", "sae_lens", "transformer_lens", "great_expectations", "seaborn", "mlflow")
 # what each stage module may pull in at import: the libraries its own work needs
 BUDGET = {
+    "inputs": set(),
     "corpus": {"mlflow"},
     "tokenizer": {"mlflow"},
     "activations": {"mlflow", "transformer_lens"},
@@ -52,5 +53,5 @@ def test_every_command_names_an_existing_stage_module_with_run():
     parser = build_parser()
     for name, (module, _, _) in COMMANDS.items():
         assert callable(importlib.import_module(f"stagediff.stages.{module}").run), name
-        parser.parse_args([name] if name not in ("activations", "sae") else
-                          [name, "--model", "base"] if name == "activations" else [name, "--stage", "S"])
+        required = {"activations": ["--model", "base"], "sae": ["--stage", "S"], "import": ["--role", "base_data"]}
+        parser.parse_args([name, *required.get(name, [])])

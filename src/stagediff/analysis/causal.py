@@ -8,8 +8,7 @@ import torch
 from tqdm import tqdm
 
 from stagediff.config import Config
-from stagediff.data.backdoor import Backdoor
-from stagediff.data.corpus import PROMPT_KINDS
+from stagediff.data.behaviour import PROMPT_KINDS, Behaviour
 from stagediff.data.tokens import load_tokens
 from stagediff.dictionaries.cache import hook_activations, hook_layer
 from stagediff.dictionaries.splice import marker_positions
@@ -21,20 +20,25 @@ from stagediff.models.windows import TokenWindows
 
 
 def split_prompts(prompts: list[dict], n_fit: int) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
-    """Per kind, the prompts of the first `n_fit` questions (fit) and of the rest (eval).
-    Every kind is built from the same questions in the same order (corpus stage)."""
+    """Per kind, its first `n_fit` prompts (fit) and the rest (eval). No evaluation prompt
+    may share its question with a fit prompt of any kind (the organism builds every kind
+    from the same questions in the same order; your prompts may name their `question`)."""
     fit, ev = {}, {}
     for kind in PROMPT_KINDS:
         rows = [p for p in prompts if p["kind"] == kind]
+        if kind == "decoy" and not rows:  # decoys are optional in a behaviour spec
+            fit[kind], ev[kind] = [], []
+            continue
         if len(rows) <= n_fit:
             raise DataError(f"{PROMPTS_FILE}: {len(rows)} {kind} prompts; steer.fit_prompts ({n_fit}) leaves none "
                             "to evaluate on")
         fit[kind], ev[kind] = rows[:n_fit], rows[n_fit:]
-    questions = [p["question"] for p in fit["triggered"] + ev["triggered"]]
-    for kind in PROMPT_KINDS:
-        if [p["question"] for p in fit[kind] + ev[kind]] != questions:
-            raise DataError(f"{PROMPTS_FILE}: the {kind} prompts are not built from the triggered prompts' questions "
-                            "in the same order (rebuild with the corpus stage)")
+    fitted = {p["question"] for rows in fit.values() for p in rows}
+    shared = sorted({p["question"] for rows in ev.values() for p in rows} & fitted)
+    if shared:
+        raise DataError(f"{PROMPTS_FILE}: {len(shared)} evaluation prompts share their question with a fit prompt "
+                        f"(e.g. {shared[0][:80]!r}); order the prompts so that each question's prompts fall on one "
+                        "side of steer.fit_prompts")
     return fit, ev
 
 
@@ -65,11 +69,11 @@ class Bench:
     under an intervention (`hooks_for(tokens, start)` -> TransformerLens hooks, or None)."""
 
     def __init__(self, cfg: Config, model, tokenizer, eval_prompts: dict[str, list[dict]], windows: torch.Tensor,
-                 stage: str = "steer"):
+                 behaviour: Behaviour, stage: str = "steer"):
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.prompts = {k: [p["prompt"] for p in v] for k, v in eval_prompts.items()}
         self.windows = windows
-        self.backdoor = Backdoor(cfg.backdoor)
+        self.behaviour = behaviour
         # every intervention acts at the hook's layer or later: the layers before it run once
         self.resumed = resume_point(model, windows, hook_layer(cfg.activations.hook), cfg.eval.batch_size)
         # one bar for the whole stage, counting measured settings (rates and clean losses)
@@ -80,14 +84,19 @@ class Bench:
         """Greedy answers (one generation path with and without an intervention)."""
         self.progress.set_postfix_str(desc or kind, refresh=False)
         completions = greedy_complete(self.model, self.tokenizer, self.prompts[kind],
-                                      self.cfg.backdoor.active.eval_new_tokens, self.cfg.eval.batch_size, desc=None,
+                                      self.behaviour.eval_new_tokens, self.cfg.eval.batch_size, desc=None,
                                       hooks_for=hooks_for)
         self.progress.update()
         return completions
 
     def rate(self, kind: str, hooks_for=None, desc: str = "") -> float:
         completions = self.complete(kind, hooks_for, desc)
-        return sum(self.backdoor.shows_behaviour(c) for c in completions) / len(completions)
+        return sum(self.behaviour.detector.shows(c) for c in completions) / len(completions)
+
+    @property
+    def measures_behaviour(self) -> bool:
+        """A detector and triggered prompts: rates can be measured (else clean loss only)."""
+        return self.behaviour.measured and bool(self.prompts.get("triggered"))
 
     def loss(self, hooks_for) -> float:
         loss = windows_loss(self.model, self.windows, self.cfg.eval.batch_size, hooks_for, self.resumed)

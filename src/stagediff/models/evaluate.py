@@ -58,9 +58,12 @@ class ResumedWindows:
 
 
 @torch.no_grad()
-def resume_point(model, windows: torch.Tensor, layer: int, batch_size: int) -> ResumedWindows:
+def resume_point(model, windows: torch.Tensor, layer: int, batch_size: int) -> ResumedWindows | None:
     """The residual stream entering `layer` on `windows`, computed in the batches
-    `windows_loss` uses (so a resumed pass sees exactly the values a full one would)."""
+    `windows_loss` uses (so a resumed pass sees exactly the values a full one would).
+    None for a Hugging Face model (TransformerBridge cannot start at a layer): full passes."""
+    if hasattr(model, "original_model"):
+        return None
     model.eval()
     resid = [model(windows[s : s + batch_size], stop_at_layer=layer) for s in range(0, len(windows), batch_size)]
     return ResumedWindows(layer, torch.cat(resid))

