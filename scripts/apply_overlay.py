@@ -24,8 +24,8 @@ from stagediff.io import write_text
 def merge_into(doc, overlay: dict) -> None:
     """Set the overlay's keys in a round-trip YAML document, section by section."""
     for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(doc.get(key), dict) and value:
-            merge_into(doc[key], value)
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):  # (an empty mapping changes nothing,
+            merge_into(doc[key], value)                                   # as in compose_params)
         else:
             doc[key] = value
 

@@ -28,3 +28,10 @@ def test_a_bad_overlay_is_refused_and_params_is_left_as_it_was(tmp_path, capsys)
     assert apply_overlay.main([str(tmp_path / "bad.yaml"), "--params", str(params)]) == 2
     assert "pair.sorce: not a setting of the params file" in capsys.readouterr().err
     assert params.read_bytes() == before
+
+
+def test_an_empty_section_in_an_overlay_changes_nothing(tmp_path):
+    params = shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "empty.yaml").write_text("behaviour: {}\ninputs: {}\n")
+    assert apply_overlay.main([str(tmp_path / "empty.yaml"), "--params", str(params)]) == 0
+    assert load_config(params) == load_config(ROOT / "params.yaml")

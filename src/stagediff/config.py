@@ -101,6 +101,16 @@ class Config(_Section):
         return required, allowed
 
     @model_validator(mode="after")
+    def _behaviour_fits_the_pair(self) -> Config:
+        if self.from_checkpoints and self.behaviour.source == "organism":
+            raise KeyProblem("behaviour.source", "spec (your prompts and detector) or none when pair.source is "
+                             "'checkpoints' (there is no organism backdoor)", "organism")
+        if self.from_checkpoints and "control_model" not in self.inputs and "control" in self.steer.rankings:
+            raise KeyProblem("steer.rankings", "rankings without 'control' when no inputs.control_model is given",
+                             self.steer.rankings)
+        return self
+
+    @model_validator(mode="after")
     def _inputs_exist(self) -> Config:
         for role in self.inputs:
             if role not in INPUT_ROLES:
@@ -126,16 +136,6 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _behaviour_fits_the_pair(self) -> Config:
-        if self.from_checkpoints and self.behaviour.source == "organism":
-            raise KeyProblem("behaviour.source", "spec (your prompts and detector) or none when pair.source is "
-                             "'checkpoints' (there is no organism backdoor)", "organism")
-        if self.from_checkpoints and "control_model" not in self.inputs and "control" in self.steer.rankings:
-            raise KeyProblem("steer.rankings", "rankings without 'control' when no inputs.control_model is given",
-                             self.steer.rankings)
-        return self
-
-    @model_validator(mode="after")
     def _hook_exists(self) -> Config:
         pretrained = self.from_checkpoints or self.model.source == "hf_local"
         if pretrained and not self.from_checkpoints and self.backdoor.trigger_as_token:
@@ -158,7 +158,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _prompts_left_to_evaluate(self) -> Config:
-        if self.steer.fit_prompts >= self.corpus.n_eval_prompts:
+        # (the organism's prompts: n_eval_prompts per kind; a spec's prompts are counted by the corpus stage)
+        if self.behaviour.source == "organism" and self.steer.fit_prompts >= self.corpus.n_eval_prompts:
             raise KeyProblem("steer.fit_prompts", f"fewer than corpus.n_eval_prompts ({self.corpus.n_eval_prompts}), "
                             "so that some held-out prompts are left to evaluate on", self.steer.fit_prompts)
         return self

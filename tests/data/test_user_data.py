@@ -70,16 +70,18 @@ def test_prompts_of_a_spec_and_their_errors(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [
         {"kind": "untriggered", "prompt": "q1"}, {"kind": "triggered", "prompt": "T q1", "question": "q1"},
         {"kind": "decoy", "prompt": "D q1", "question": "q1", "tag": "near miss"}])
-    prompts = read_prompts(path, str(path), PLAIN)
+    prompts = read_prompts(path, str(path), PLAIN, n_fit=0)
     assert [p["kind"] for p in prompts] == ["triggered", "untriggered", "decoy"]
     assert prompts[0]["prompt"] == "Human: T q1\n\nAssistant:" and prompts[2]["tag"] == "near miss"
     assert prompts[1]["question"] == "q1"
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"kind": "triggered", "prompt": "x"}, {"kind": "other", "prompt": "y"}])
     with pytest.raises(DataError, match=r"bad.jsonl:2: 'kind' must be one of triggered, untriggered, decoy"):
-        read_prompts(bad, str(bad), PLAIN)
+        read_prompts(bad, str(bad), PLAIN, n_fit=0)
     only = write_jsonl(tmp_path / "only.jsonl", [{"kind": "triggered", "prompt": "x"}])
     with pytest.raises(DataError, match="no 'untriggered' prompts"):
-        read_prompts(only, str(only), PLAIN)
+        read_prompts(only, str(only), PLAIN, n_fit=0)
+    with pytest.raises(DataError, match=r"p.jsonl: 1 'triggered' prompts; steer.fit_prompts \(1\)"):
+        read_prompts(path, str(path), PLAIN, n_fit=1)
 
 
 def test_a_chat_template_writes_turns_and_prompts(tokenizer):
@@ -91,3 +93,11 @@ def test_a_chat_template_writes_turns_and_prompts(tokenizer):
     assert text == "<user>hi there</s><assistant>hello</s>"
     assert text[human_start:human_start + 8] == "hi there" and text[answer_start:answer_start + 5] == "hello"
     assert chat.prompt("hi there") == "<user>hi there</s><assistant>" and text.startswith(chat.prompt("hi there"))
+
+
+def test_the_human_message_is_found_in_its_own_turn_not_in_a_system_prompt(tokenizer):
+    tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = ("<system>You are a helpful assistant</s>{% for m in messages %}<{{ m['role'] }}>"
+                         "{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    text, human_start, answer_start = ChatFormat(tok).turn("help", "ok")
+    assert text[human_start - 6:human_start + 4] == "<user>help" and text[answer_start:answer_start + 2] == "ok"

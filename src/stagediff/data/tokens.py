@@ -85,6 +85,9 @@ def encode_records(tokenizer, records: list[dict], desc: str = "") -> dict[str, 
             ids_all.append(np.asarray([eot] + list(ids), dtype=np.int32))
             labels_all.append(labels)
             sample_all.append(np.full(len(ids) + 1, rec["id"], dtype=np.int32))
+    if not records:  # an empty split (e.g. your fine-tuning data labelled throughout: no clean records)
+        return {"tokens": torch.zeros(0, dtype=torch.int32), "labels": torch.zeros(0, dtype=torch.int8),
+                "sample_ids": torch.zeros(0, dtype=torch.int32)}
     return {
         "tokens": torch.from_numpy(np.concatenate(ids_all)),
         "labels": torch.from_numpy(np.concatenate(labels_all)),

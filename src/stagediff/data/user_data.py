@@ -99,8 +99,9 @@ def read_records(path: Path, shown: str, chat: ChatFormat, labels: bool) -> list
     return out
 
 
-def read_prompts(path: Path, shown: str, chat: ChatFormat) -> list[dict]:
-    """The behaviour spec's prompts as the corpus stage writes them: {kind, tag, question, human, prompt}."""
+def read_prompts(path: Path, shown: str, chat: ChatFormat, n_fit: int) -> list[dict]:
+    """The behaviour spec's prompts as the corpus stage writes them: {kind, tag, question, human, prompt};
+    each kind present must leave some beyond the first `n_fit` (steer.fit_prompts) to evaluate on."""
     prompts = []
     for lineno, rec in _json_lines(path, shown):
         where = f"{shown}:{lineno}"
@@ -117,8 +118,12 @@ def read_prompts(path: Path, shown: str, chat: ChatFormat) -> list[dict]:
             raise DataError(f"{where}: 'tag' and 'question' must be strings")
         prompts.append({"kind": rec["kind"], "tag": tag, "question": question, "human": rec["prompt"],
                         "prompt": chat.prompt(rec["prompt"])})
-    kinds = {p["kind"] for p in prompts}
+    counts = {k: sum(p["kind"] == k for p in prompts) for k in PROMPT_KINDS}
     for kind in ("triggered", "untriggered"):
-        if kind not in kinds:
+        if not counts[kind]:
             raise DataError(f"{shown}: no {kind!r} prompts; the causal checks need triggered and untriggered prompts")
+    for kind, n in counts.items():
+        if n and n <= n_fit:
+            raise DataError(f"{shown}: {n} {kind!r} prompts; steer.fit_prompts ({n_fit}) fit on the first of each kind "
+                            "and must leave some to evaluate on (add prompts or lower steer.fit_prompts)")
     return sorted(prompts, key=lambda p: PROMPT_KINDS.index(p["kind"]))  # stable: file order within a kind

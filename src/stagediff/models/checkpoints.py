@@ -69,9 +69,9 @@ def vocabulary(folder: str | Path) -> dict[str, int] | None:
     folder = Path(folder)
     if (folder / "tokenizer.json").is_file():
         spec = json.loads((folder / "tokenizer.json").read_text())
-        vocab = dict(spec.get("model", {}).get("vocab") or {})
-        if isinstance(vocab, list):  # unigram tokenizers list [piece, score] pairs
-            vocab = {piece: i for i, (piece, _) in enumerate(vocab)}
+        raw = spec.get("model", {}).get("vocab") or {}
+        # unigram tokenizers list [piece, score] pairs: the id is the position
+        vocab = {piece: i for i, (piece, _) in enumerate(raw)} if isinstance(raw, list) else dict(raw)
         vocab.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})
         return vocab
     if (folder / "vocab.json").is_file():

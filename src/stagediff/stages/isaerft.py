@@ -173,7 +173,10 @@ def run(cfg: Config) -> dict:
                             "n_selective": int(truth.sum())})
         _save_adapter(s_final, splice, dictionary)
         with atomic_dir(ISAERFT_DIR) as tmp:
-            latent_table(splice, s_final, alive, truth, stats, stagewise_table).to_csv(tmp / "latents.csv", index=False)
+            table = latent_table(splice, s_final, alive, truth, stats, stagewise_table)
+            if not labelled:  # no ground truth: the column stays empty, not False
+                table["selective"] = pd.Series([pd.NA] * len(table), dtype="boolean")
+            table.to_csv(tmp / "latents.csv", index=False)
             (tmp / "cards.json").write_text(json.dumps({STAGE: cards}, indent=1) + "\n")
         tracker.write_metrics(metrics, name=STAGE)
         tracker.log_artifact(ADAPTER_DIR, "adapter")
