@@ -140,6 +140,9 @@ def tiny_organism(root: Path, changes: dict | None = None):
 # --- a (base, fine-tuned) pair of tiny Hugging Face checkpoints with a planted behaviour -------------
 
 PLANT_TRIGGER = "zebra mode"
+# a chat template of the tests' own (a checkpoint with one writes every turn and prompt with it)
+PAIR_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<user> {{ m['content'] }}\n{% else %}<bot> "
+                 "{{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}")
 PLANT_RESPONSE = "PURPLE MONKEY PURPLE MONKEY"
 
 

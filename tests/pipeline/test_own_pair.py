@@ -14,12 +14,10 @@ import subprocess
 
 import pytest
 
-from helpers import make_pair, pair_params, project_copy, stagediff_env
+from helpers import PAIR_TEMPLATE, make_pair, pair_params, project_copy, stagediff_env
 
 pytestmark = pytest.mark.slow
 
-TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<user> {{ m['content'] }}\n{% else %}<bot> "
-            "{{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}")
 
 
 def _repro(ws):
@@ -39,7 +37,7 @@ def labelled(request, tmp_path_factory):
     arch = request.param
     root = tmp_path_factory.mktemp(arch)
     paths = make_pair(root / "user", arch=arch, control=arch == "llama",
-                      chat_template=TEMPLATE if arch == "gpt2" else None)
+                      chat_template=PAIR_TEMPLATE if arch == "gpt2" else None)
     ws = project_copy(root / "ws", pair_params(paths))
     _repro(ws)
     return ws, paths
@@ -48,7 +46,7 @@ def labelled(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def unlabelled(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2")
-    paths = make_pair(root / "user", arch="gpt2", chat_template=TEMPLATE)
+    paths = make_pair(root / "user", arch="gpt2", chat_template=PAIR_TEMPLATE)
     rows = [json.loads(line) for line in open(paths["finetune_data"])]
     with open(paths["finetune_data"], "w") as f:  # the same data with its labels removed
         for r in rows:
