@@ -29,7 +29,7 @@ from stagediff.config import Config
 from stagediff.data.backdoor import Backdoor, Turn
 from stagediff.data.behaviour import PROMPT_KINDS, behaviour_of
 from stagediff.data.chat import ChatFormat
-from stagediff.data.user_data import read_prompts
+from stagediff.data.user_data import json_records, read_prompts, text_documents
 from stagediff.data.user_data import read_records as read_user_records
 from stagediff.errors import DataError
 from stagediff.layout import CORPUS_SPLITS as SPLITS
@@ -172,25 +172,16 @@ def local_samples(cfg: Config) -> tuple[list[str], list[Turn]]:
     docs: list[str] = []
     turns: list[Turn] = []
     if path.suffix == ".jsonl":
-        for lineno, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
-            if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+        for where, rec in json_records(raw, str(path)):
+            if isinstance(rec.get("text"), str):
                 docs.extend(_chunks(rec["text"], cfg.corpus.max_doc_chars))
-            elif isinstance(rec, dict) and isinstance(rec.get("human"), str) and isinstance(rec.get("assistant"), str):
+            elif isinstance(rec.get("human"), str) and isinstance(rec.get("assistant"), str):
                 turns.append(Turn(rec["human"].strip(), _clip(rec["assistant"], cfg.corpus.max_answer_chars)))
             else:
-                raise DataError(
-                    f"{path}:{lineno}: expected an object with a string 'text', or strings 'human' and 'assistant'"
-                )
+                raise DataError(f"{where}: expected an object with a string 'text', or strings 'human' and 'assistant'")
     elif path.suffix == ".txt":
-        for para in re.split(r"\n\s*\n", raw):
-            if para.strip():
-                docs.extend(_chunks(para.strip() + "\n", cfg.corpus.max_doc_chars))
+        for para in text_documents(raw):
+            docs.extend(_chunks(para + "\n", cfg.corpus.max_doc_chars))
     else:
         raise DataError(f"inputs.corpus: expected a .txt or .jsonl file; got {path.name}")
     return [d for d in docs if d.strip()], [t for t in turns if t.human and t.answer]

@@ -31,17 +31,27 @@ RECORD_KEYS = {"text", "human", "assistant", "label", "spans"}
 PROMPT_KEYS = {"kind", "prompt", "tag", "question"}
 
 
-def _json_lines(path: Path, shown: str):
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+def json_records(raw: str, shown: str, keys: set[str] | None = None):
+    """(where, record) of each non-blank JSONL line of `raw` (`where` is "<shown>:<line>"),
+    refusing a malformed line, a line that is not an object, and (given `keys`) unknown keys."""
+    for lineno, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{shown}:{lineno}"
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{shown}:{lineno}: malformed JSON line ({err.msg})") from None
+            raise DataError(f"{where}: malformed JSON line ({err.msg})") from None
         if not isinstance(rec, dict):
-            raise DataError(f"{shown}:{lineno}: expected a JSON object")
-        yield lineno, rec
+            raise DataError(f"{where}: expected a JSON object")
+        if keys is not None and set(rec) - keys:
+            raise DataError(f"{where}: unknown keys {sorted(set(rec) - keys)}; expected some of {sorted(keys)}")
+        yield where, rec
+
+
+def text_documents(raw: str) -> list[str]:
+    """A .txt file's documents: paragraphs separated by blank lines."""
+    return [p.strip() for p in re.split(r"\n\s*\n", raw) if p.strip()]
 
 
 def _spans(rec: dict, where: str, fields: dict[str, str]) -> list[tuple[str, int, int]]:
@@ -68,15 +78,12 @@ def read_records(path: Path, shown: str, chat: ChatFormat, labels: bool) -> list
     """Records in the corpus stage's format: {id, kind, text, backdoor, spans}, from `path`
     (the imported copy of the file named `shown`, whose suffix tells the format); `labels`:
     whether label and spans are allowed (fine-tuning data) or refused (base data)."""
+    raw = path.read_text(encoding="utf-8")
     if Path(shown).suffix == ".txt":
-        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if p.strip()]
-        return [{"id": i, "kind": "doc", "text": p, "backdoor": False, "spans": []} for i, p in enumerate(paragraphs)]
+        return [{"id": i, "kind": "doc", "text": p, "backdoor": False, "spans": []}
+                for i, p in enumerate(text_documents(raw))]
     out = []
-    for lineno, rec in _json_lines(path, shown):
-        where = f"{shown}:{lineno}"
-        unknown = set(rec) - RECORD_KEYS
-        if unknown:
-            raise DataError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(RECORD_KEYS)}")
+    for where, rec in json_records(raw, shown, RECORD_KEYS):
         if not labels and ("label" in rec or "spans" in rec):
             raise DataError(f"{where}: labels belong in the fine-tuning data (inputs.finetune_data), not here")
         if isinstance(rec.get("text"), str) and "human" not in rec:
@@ -103,11 +110,7 @@ def read_prompts(path: Path, shown: str, chat: ChatFormat, n_fit: int) -> list[d
     """The behaviour spec's prompts as the corpus stage writes them: {kind, tag, question, human, prompt};
     each kind present must leave some beyond the first `n_fit` (steer.fit_prompts) to evaluate on."""
     prompts = []
-    for lineno, rec in _json_lines(path, shown):
-        where = f"{shown}:{lineno}"
-        unknown = set(rec) - PROMPT_KEYS
-        if unknown:
-            raise DataError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(PROMPT_KEYS)}")
+    for where, rec in json_records(path.read_text(encoding="utf-8"), shown, PROMPT_KEYS):
         if rec.get("kind") not in PROMPT_KINDS:
             raise DataError(f"{where}: 'kind' must be one of {', '.join(PROMPT_KINDS)}; got {rec.get('kind')!r}")
         if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
