@@ -34,7 +34,8 @@ def run(cfg: Config, role: str) -> dict:
     else:
         _check_text(source, role)
         copy_file(source, target)
-    return {"role": role, "files": 1 if role not in MODEL_ROLES.values() else len(copied)}
+        copied = [source]
+    return {"role": role, "files": len(copied)}
 
 
 def _check_text(path: Path, role: str) -> None:
