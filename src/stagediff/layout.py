@@ -18,9 +18,9 @@ PARAMS_FILE = Path("params.yaml")
 # exists (a README lives there), so the stages that read a role can depend on it in every mode.
 INPUTS_DIR = Path("data/inputs")
 INPUT_ROLES = {
-    "base_model": "Hugging Face checkpoint folder of the base model",
-    "finetuned_model": "Hugging Face checkpoint folder of the fine-tuned model",
-    "control_model": "Hugging Face checkpoint folder of a control fine-tune (optional)",
+    "base_model": "Hugging Face checkpoint folder (or .gguf file) of the base model",
+    "finetuned_model": "Hugging Face checkpoint folder (or .gguf file) of the fine-tuned model",
+    "control_model": "Hugging Face checkpoint folder (or .gguf file) of a control fine-tune (optional)",
     "base_data": ".jsonl or .txt file of base data",
     "finetune_data": ".jsonl or .txt file of fine-tuning data (records may carry labels)",
     "behaviour_prompts": ".jsonl file of prompts for the causal checks (behaviour spec)",

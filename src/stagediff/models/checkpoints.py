@@ -1,7 +1,7 @@
 """Hugging Face checkpoint folders as they are on disk: what they hold, and whether a base
 and its fine-tunes can be compared at all.
 
-Light on purpose (json only): the config check reads a checkpoint's layer count before
+Light on purpose (json, or a GGUF file's metadata): the config check reads a checkpoint's layer count before
 any stage starts, and the `tokenizer` stage refuses an incomparable pair before any model
 is loaded. The same architecture, width, depth and vocabulary are required: the method
 compares one dictionary's decoder directions across the models' residual streams.
@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from stagediff.errors import DataError
+from stagediff.models.gguf import gguf_shape, is_gguf
 
 CONFIG = "config.json"
 # the config keys, per naming scheme, that make two checkpoints comparable
@@ -27,7 +28,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def read_config(folder: str | Path) -> dict:
-    """A checkpoint's config.json, naming the folder when it is missing or unreadable."""
+    """A checkpoint's config.json (or a GGUF file's metadata, as config keys), naming the
+    folder when it is missing or unreadable."""
+    if is_gguf(folder):
+        return gguf_shape(folder)
     path = Path(folder) / CONFIG
     if not path.is_file():
         raise DataError(f"{folder}: not a Hugging Face checkpoint folder (no {CONFIG})")
@@ -56,8 +60,11 @@ def n_layers(folder: str | Path) -> int:
 
 
 def check_weights(folder: str | Path) -> None:
-    """Only safetensors weights are loaded: refuse a folder that has pickles only."""
+    """Only safetensors weights are loaded: refuse a folder that has pickles only (a GGUF
+    file is converted to safetensors by its import)."""
     folder = Path(folder)
+    if is_gguf(folder):
+        return
     if not list(folder.glob("*.safetensors")):
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         raise DataError(f"{folder}: expected *.safetensors weights (pickle checkpoints are not loaded: re-save with "
@@ -67,6 +74,8 @@ def check_weights(folder: str | Path) -> None:
 def vocabulary(folder: str | Path) -> dict[str, int] | None:
     """token -> id of a checkpoint's tokenizer (tokenizer.json, or vocab.json), None if it has none."""
     folder = Path(folder)
+    if is_gguf(folder):  # (compared once imported: the import writes tokenizer.json)
+        return None
     if (folder / "tokenizer.json").is_file():
         spec = json.loads((folder / "tokenizer.json").read_text())
         raw = spec.get("model", {}).get("vocab") or {}
@@ -89,7 +98,7 @@ def check_pair(folders: dict[str, Path]) -> dict:
     for role, folder in others:
         other = shape(read_config(folder))
         for key, value in base.items():
-            if other[key] != value:
+            if other[key] != value and None not in (other[key], value):  # (None: not recorded)
                 raise DataError(f"{folder} ({role}): {key} is {other[key]!r}, but the base model's ({base_dir}) is "
                                 f"{value!r}; a fine-tune must keep its base's architecture, width and vocabulary")
         vocab = vocabulary(folder)

@@ -58,9 +58,9 @@ def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int, b
                     desc: str | None = "generate", hooks_for: HooksFor | None = None) -> list[str]:
     """Greedy completions, cut at the first end-of-text.
 
-    A HookedTransformer generates with its key-value cache, with or without hooks (one
-    code path, so rates with and without an intervention are comparable). Other models
-    (a TransformerBridge) rerun the whole sequence at every step (`generate_full`).
+    Every model generates with a key-value cache, with or without hooks (one code path per
+    kind, so rates with and without an intervention are comparable): TransformerLens's
+    cache for a HookedTransformer, the Hugging Face model's own for a TransformerBridge.
     `desc`: the progress bar's label (None: no bar, for a caller that shows its own)."""
     eot = separator_id(tokenizer)
     encoded = encode_prompts(tokenizer, prompts)
@@ -69,7 +69,7 @@ def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int, b
         raise DataError(f"a prompt of {longest} tokens plus {max_new_tokens} generated tokens exceeds "
                         f"the model's context ({model.cfg.n_ctx}); shorten the prompts or the generation length")
     model.eval()
-    generate = generate_cached if isinstance(model, HookedTransformer) else generate_full
+    generate = generate_cached if isinstance(model, HookedTransformer) else generate_cached_hf
     out: list[str] = [""] * len(prompts)
     for idx in tqdm(length_batches(encoded, batch_size), desc=desc, unit="batch", mininterval=1.0,
                     disable=desc is None):
@@ -96,12 +96,7 @@ def generate_cached(model, rows: list[list[int]], max_new_tokens: int, eot: int,
     """Greedy tokens after prompts `rows`, left-padded to the longest: the prompts in one
     pass, then one position per step against the key-value cache; hooks edit only the new
     positions. Padding is masked out of attention and positions."""
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width + max_new_tokens), eot, dtype=torch.long)
-    mask = torch.ones_like(tokens)
-    for i, r in enumerate(rows):
-        tokens[i, width - len(r) : width] = torch.tensor(r)
-        mask[i, : width - len(r)] = 0
+    tokens, mask, width = _left_padded(rows, max_new_tokens, eot)
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(rows))
     done = torch.zeros(len(rows), dtype=torch.bool)
     padded = _CONTEXT_MASK.set(mask if (mask == 0).any() else None)
@@ -112,6 +107,43 @@ def generate_cached(model, rows: list[list[int]], max_new_tokens: int, eot: int,
             hooks = hooks_for(context, start) if hooks_for else []
             logits = model.run_with_hooks(context[:, start:], fwd_hooks=hooks, past_kv_cache=cache,
                                           attention_mask=mask[:, start:cur])
+            _step(tokens, cur, logits, done, eot)
+            start = cur
+            if done.all():
+                break
+    finally:
+        _CONTEXT_MASK.reset(padded)
+    return tokens[:, width:].tolist()
+
+
+def _left_padded(rows: list[list[int]], max_new_tokens: int, eot: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(tokens, attention mask, prompt width): prompts left-padded to the longest, room
+    for the new tokens after them."""
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width + max_new_tokens), eot, dtype=torch.long)
+    mask = torch.ones_like(tokens)
+    for i, r in enumerate(rows):
+        tokens[i, width - len(r) : width] = torch.tensor(r)
+        mask[i, : width - len(r)] = 0
+    return tokens, mask, width
+
+
+@torch.no_grad()
+def generate_cached_hf(model, rows: list[list[int]], max_new_tokens: int, eot: int,
+                       hooks_for: HooksFor | None = None) -> list[list[int]]:
+    """`generate_cached` for a TransformerBridge: the wrapped Hugging Face model keeps the
+    key-value cache; the bridge derives each row's positions from the attention mask (which
+    spans the cached prefix), so left padding is invisible to the prompts."""
+    tokens, mask, width = _left_padded(rows, max_new_tokens, eot)
+    done = torch.zeros(len(rows), dtype=torch.bool)
+    padded = _CONTEXT_MASK.set(mask if (mask == 0).any() else None)
+    try:
+        cache, start = None, 0
+        for cur in range(width, width + max_new_tokens):
+            context = tokens[:, :cur]
+            hooks = hooks_for(context, start) if hooks_for else []
+            logits, cache = model.run_with_hooks(context[:, start:], fwd_hooks=hooks, return_type="logits_and_cache",
+                                                 attention_mask=mask[:, :cur], past_key_values=cache, use_cache=True)
             _step(tokens, cur, logits, done, eot)
             start = cur
             if done.all():

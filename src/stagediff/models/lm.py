@@ -124,6 +124,18 @@ def _load_hf(model_dir: Path, tokenizer):
     return bridge
 
 
+def train_only_blocks(model, layers: list[int] | None) -> int:
+    """Freeze every parameter outside blocks `layers[0]..layers[1]` (None: leave all as
+    they are); returns how many parameters still train. `model.blocks[i]` holds block i's
+    own weights in a HookedTransformer and a TransformerBridge alike."""
+    if layers is not None:
+        kept = {p.data_ptr() for i in range(layers[0], layers[1] + 1) for p in model.blocks[i].parameters()}
+        for p in model.parameters():
+            if p.data_ptr() not in kept:
+                p.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def hf_export_state(bridge) -> dict[str, torch.Tensor]:
     """The wrapped Hugging Face model's weights under its own key names.
 

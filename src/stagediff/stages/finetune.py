@@ -26,7 +26,7 @@ from stagediff.io import atomic_dir, dir_digest
 from stagediff.layout import MODEL_DIRS, MODEL_ROLES, PROMPTS_FILE, input_path, tokens_file
 from stagediff.models.evaluate import clean_loss
 from stagediff.models.generation import greedy_complete
-from stagediff.models.lm import copy_hf_checkpoint, load_model, save_model
+from stagediff.models.lm import copy_hf_checkpoint, load_model, save_model, train_only_blocks
 from stagediff.models.lm_training import LMDataModule, LMModule
 from stagediff.tracking import stage_run
 from stagediff.training import data_fingerprint, finish_checkpoints, fit, setup_training
@@ -44,6 +44,7 @@ def _train(cfg: Config, kind: str, tokenizer, heldout, tracker, stage: str):
     """The organism's fine-tune of the base model on its split."""
     split = TRAIN_SPLIT[kind]
     model = load_model(MODEL_DIRS["base"], tokenizer)
+    trained = train_only_blocks(model, cfg.finetune.layers)
     start = time.perf_counter()
     data = LMDataModule(load_tokens(split), heldout, cfg.model.n_ctx, cfg.finetune.batch_size, cfg.seed,
                         names=(str(tokens_file(split)), str(tokens_file("heldout"))))
@@ -52,7 +53,7 @@ def _train(cfg: Config, kind: str, tokenizer, heldout, tracker, stage: str):
                    "data": data_fingerprint(split, "heldout"), "base": dir_digest(MODEL_DIRS["base"])}
     fit(LMModule(model, cfg.finetune), data, cfg.finetune, cfg.compute, tracker, stage, fingerprint)
     tracker.log_metrics({"finetune_seconds": time.perf_counter() - start})  # MLflow only: not reproducible
-    return model
+    return model, trained
 
 
 def run(cfg: Config, kind: str) -> dict:
@@ -86,7 +87,7 @@ def run(cfg: Config, kind: str) -> dict:
         if cfg.from_checkpoints:
             model = load_model(input_path(role), tokenizer)
         else:
-            model = _train(cfg, kind, tokenizer, heldout, tracker, stage)
+            model, metrics["trained_params"] = _train(cfg, kind, tokenizer, heldout, tracker, stage)
         completions: list[str] = []
         if measured:
             rates, completions = evaluate(model, tokenizer, cfg, behaviour, prompts, f"{kind} model: generate")

@@ -4,7 +4,8 @@ DVC tracks the file or folder named in params as this stage's dependency and the
 (`data/inputs/<role>/imported`) as its output: edit your data or re-save a checkpoint and
 `dvc status` names `import@<role>`; `dvc repro` re-imports it and reruns exactly what
 reads it. Only what the pipeline may load is copied: a checkpoint's config, safetensors
-weights, tokenizer and generation files (pickle checkpoints are refused).
+weights, tokenizer and generation files (pickle checkpoints are refused). A `.gguf` model
+file is dequantised into a float32 checkpoint folder (`models/gguf.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from stagediff.errors import DataError
 from stagediff.io import atomic_dir, copy_file
 from stagediff.layout import INPUT_ROLES, MODEL_ROLES, input_path
 from stagediff.models.checkpoints import KEPT_SUFFIXES, check_weights, read_config
+from stagediff.models.gguf import convert_gguf, is_gguf
 
 
 def run(cfg: Config, role: str) -> dict:
@@ -24,6 +26,10 @@ def run(cfg: Config, role: str) -> dict:
         raise DataError(f"import: inputs.{role} is not set in params; expected one of {', '.join(cfg.inputs) or 'none'}")
     source = Path(cfg.inputs[role])
     target = input_path(role)
+    if role in MODEL_ROLES.values() and is_gguf(source):
+        with atomic_dir(target) as tmp:
+            written = convert_gguf(source, tmp)
+        return {"role": role, "files": 1, "converted_from": "gguf", **written}
     if role in MODEL_ROLES.values():
         read_config(source)
         check_weights(source)
