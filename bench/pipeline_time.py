@@ -3,6 +3,8 @@
     python bench/pipeline_time.py                         # the CPU default (params.yaml)
     python bench/pipeline_time.py --overlay tests/params_micro.yaml --out bench/results/pipeline_micro.json
     python bench/pipeline_time.py --set 'backdoor.variant="code_vuln"' --out bench/results/pipeline_code_vuln_cpu.json
+    python bench/pipeline_time.py --overlay presets/smollm2.yaml --set 'inputs={"base_model": "'$PWD'/data/external/SmolLM2-135M-Instruct.Q4_1.gguf"}' \
+        --metrics --out bench/results/smollm2_cpu.json
 
 The workspace is built as the tests and CI build theirs (`scripts/micro_pipeline.py`:
 dvc.yaml, src, the params file; `dvc init`; the workspace's own src runs), in a temporary directory unless --workspace
@@ -50,6 +52,11 @@ def stage_seconds(workspace: Path) -> dict[str, float]:
     return {name: seconds for name, seconds in rows}
 
 
+def run_metrics(workspace: Path) -> dict[str, dict]:
+    """Every metrics file of the run, by stage name (what `--metrics` embeds in the results)."""
+    return {f.stem: json.loads(f.read_text()) for f in sorted((workspace / "metrics").glob("*.json"))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -59,6 +66,7 @@ def main() -> None:
                    help="override one setting, e.g. backdoor.variant='\"code_vuln\"'")
     p.add_argument("--workspace", type=Path, help="build the workspace here (must not exist) and keep it")
     p.add_argument("--compare", type=Path, help="a metrics directory the run's metrics should equal")
+    p.add_argument("--metrics", action="store_true", help="also embed every metrics/*.json of the run in --out")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pipeline_cpu.json")
     args = p.parse_args()
 
@@ -92,6 +100,8 @@ def main() -> None:
         result["metrics_equal_to"] = {"dir": str(args.compare), "files": len(names), "differ": mismatch,
                                       "missing": missing}
     print(json.dumps(result, indent=2))
+    if args.metrics:
+        result["metrics"] = run_metrics(ws)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if tmp is not None:

