@@ -48,13 +48,31 @@ def stage_seconds(workspace: Path) -> dict[str, float]:
     db = workspace / "mlruns" / "mlflow.db"
     with sqlite3.connect(db) as con:
         rows = con.execute("select name, (end_time - start_time) / 1000.0 from runs "
-                           "where name not like 'pipeline-%' order by start_time").fetchall()
+                           "where name not like 'pipeline-%' and end_time is not null order by start_time").fetchall()
     return {name: seconds for name, seconds in rows}
 
 
 def run_metrics(workspace: Path) -> dict[str, dict]:
     """Every metrics file of the run, by stage name (what `--metrics` embeds in the results)."""
     return {f.stem: json.loads(f.read_text()) for f in sorted((workspace / "metrics").glob("*.json"))}
+
+
+def collect(workspace: Path, out: Path) -> None:
+    """The figures of a workspace whose `dvc repro` ran elsewhere: each stage's last run,
+    their sum, the wall clock from the first stage's start to the last one's end (failed
+    attempts included) and every metrics file."""
+    stages = stage_seconds(workspace)
+    with sqlite3.connect(workspace / "mlruns" / "mlflow.db") as con:
+        first, last = con.execute("select min(start_time), max(end_time) from runs "
+                                  "where name not like 'pipeline-%'").fetchone()
+    result = {"workspace": str(workspace), "machine": {"cpu": platform.processor() or platform.machine(),
+                                                       "cores": os.cpu_count()},
+              "stage_run_s": stages, "stage_run_total_s": sum(stages.values()),
+              "first_stage_start_to_last_stage_end_s": (last - first) / 1000.0,
+              "metrics": run_metrics(workspace)}
+    print(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:
@@ -67,8 +85,13 @@ def main() -> None:
     p.add_argument("--workspace", type=Path, help="build the workspace here (must not exist) and keep it")
     p.add_argument("--compare", type=Path, help="a metrics directory the run's metrics should equal")
     p.add_argument("--metrics", action="store_true", help="also embed every metrics/*.json of the run in --out")
+    p.add_argument("--collect", type=Path, metavar="WORKSPACE",
+                   help="run nothing: write the stage times and metrics of a workspace already run (e.g. resumed by hand)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pipeline_cpu.json")
     args = p.parse_args()
+    if args.collect:
+        collect(args.collect, args.out)
+        return
 
     params = micro_pipeline.compose_params(args.params, *args.overlay)
     for item in args.set:
