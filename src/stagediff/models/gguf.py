@@ -46,8 +46,9 @@ def load_gguf(path: str | Path):
 
     path = Path(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        folder, name = str(path.parent), path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as err:
         raise DataError(f"{path}: transformers cannot load this GGUF file ({err})") from None
     return model.eval(), tokenizer
