@@ -96,24 +96,12 @@ def generate_cached(model, rows: list[list[int]], max_new_tokens: int, eot: int,
     """Greedy tokens after prompts `rows`, left-padded to the longest: the prompts in one
     pass, then one position per step against the key-value cache; hooks edit only the new
     positions. Padding is masked out of attention and positions."""
-    tokens, mask, width = _left_padded(rows, max_new_tokens, eot)
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(rows))
-    done = torch.zeros(len(rows), dtype=torch.bool)
-    padded = _CONTEXT_MASK.set(mask if (mask == 0).any() else None)
-    try:
-        start = 0
-        for cur in range(width, width + max_new_tokens):
-            context = tokens[:, :cur]
-            hooks = hooks_for(context, start) if hooks_for else []
-            logits = model.run_with_hooks(context[:, start:], fwd_hooks=hooks, past_kv_cache=cache,
-                                          attention_mask=mask[:, start:cur])
-            _step(tokens, cur, logits, done, eot)
-            start = cur
-            if done.all():
-                break
-    finally:
-        _CONTEXT_MASK.reset(padded)
-    return tokens[:, width:].tolist()
+
+    def forward(new, hooks, mask, start):
+        return model.run_with_hooks(new, fwd_hooks=hooks, past_kv_cache=cache, attention_mask=mask[:, start:])
+
+    return _generate_left_padded(rows, max_new_tokens, eot, hooks_for, forward)
 
 
 def _left_padded(rows: list[list[int]], max_new_tokens: int, eot: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -134,17 +122,30 @@ def generate_cached_hf(model, rows: list[list[int]], max_new_tokens: int, eot: i
     """`generate_cached` for a TransformerBridge: the wrapped Hugging Face model keeps the
     key-value cache; the bridge derives each row's positions from the attention mask (which
     spans the cached prefix), so left padding is invisible to the prompts."""
+    cache = None
+
+    def forward(new, hooks, mask, start):
+        nonlocal cache
+        logits, cache = model.run_with_hooks(new, fwd_hooks=hooks, return_type="logits_and_cache",
+                                             attention_mask=mask, past_key_values=cache, use_cache=True)
+        return logits
+
+    return _generate_left_padded(rows, max_new_tokens, eot, hooks_for, forward)
+
+
+def _generate_left_padded(rows, max_new_tokens: int, eot: int, hooks_for: HooksFor | None, forward) -> list[list[int]]:
+    """The cached loop both model kinds share: prompts left-padded, then one position per
+    step; `forward(new tokens, hooks, mask up to the new position, first new position)`
+    runs the model against its own key-value cache."""
     tokens, mask, width = _left_padded(rows, max_new_tokens, eot)
     done = torch.zeros(len(rows), dtype=torch.bool)
     padded = _CONTEXT_MASK.set(mask if (mask == 0).any() else None)
     try:
-        cache, start = None, 0
+        start = 0
         for cur in range(width, width + max_new_tokens):
             context = tokens[:, :cur]
             hooks = hooks_for(context, start) if hooks_for else []
-            logits, cache = model.run_with_hooks(context[:, start:], fwd_hooks=hooks, return_type="logits_and_cache",
-                                                 attention_mask=mask[:, :cur], past_key_values=cache, use_cache=True)
-            _step(tokens, cur, logits, done, eot)
+            _step(tokens, cur, forward(context[:, start:], hooks, mask[:, :cur], start), done, eot)
             start = cur
             if done.all():
                 break
