@@ -45,19 +45,23 @@ def workspace_env(root: Path) -> dict:
     return env
 
 
-def make_workspace(dst: Path, params: dict) -> Path:
-    """A runnable copy of the project (dvc.yaml, src, data/inputs, params) in `dst`, DVC initialised."""
+def make_workspace(dst: Path, params: dict, scm: bool = False) -> Path:
+    """A runnable copy of the project (dvc.yaml, src, data/inputs, params) in `dst`, DVC
+    initialised (`scm`: inside a new git repository, as `dvc exp` needs)."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy2(ROOT / "dvc.yaml", dst / "dvc.yaml")
     shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     # the committed input folders (their READMEs), which the stages that read your inputs depend on
     shutil.copytree(ROOT / "data" / "inputs", dst / "data" / "inputs", ignore=shutil.ignore_patterns("imported", ".*"))
+    shutil.copytree(ROOT / "results", dst / "results")  # the committed aggregate over seeds the report shows
     with open(dst / "params.yaml", "w") as f:
         YAML(typ="safe", pure=True).dump(params, f)
     (dst / ".gitignore").write_text("dvc_plots/\n")
     env = stagediff_env()
-    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dst, env=env, check=True)
+    if scm:
+        subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    subprocess.run(["dvc", "init", "-q"] if scm else ["dvc", "init", "--no-scm", "-q"], cwd=dst, env=env, check=True)
     subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dst, env=env, check=True)
     return dst
 

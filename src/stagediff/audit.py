@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 ENV = "STAGEDIFF_AUDIT"
-NOT_SETTINGS = {"as_flat_dict"}  # logging every setting to MLflow is not reading them
+NOT_SETTINGS = {"as_flat_dict", "headline_metrics"}  # what MLflow logs is not what a stage reads
 
 
 class Recorded:

@@ -201,6 +201,15 @@ class Config(_Section):
         """`section.key` -> value, for MLflow params."""
         return flatten(self.model_dump())
 
+    def headline_metrics(self) -> dict[str, set[str]]:
+        """Metrics file -> the keys `gate.checks` watches: the pipeline's headline figures,
+        which its MLflow parent run also carries (tracking only, like `as_flat_dict`)."""
+        out: dict[str, set[str]] = {}
+        for check in self.gate.checks:
+            name, _, key = check.metric.partition(":")
+            out.setdefault(name, set()).add(key)
+        return out
+
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}

@@ -115,6 +115,7 @@ REPORT_DIR = Path("report")
 # --- metrics ---------------------------------------------------------------------------------
 METRICS_DIR = Path("metrics")
 HEADLINE_FILE = METRICS_DIR / "headline.json"  # the dozen numbers `dvc exp show` compares
+SEEDS_RESULT = Path("results") / "seeds.json"  # aggregate over seeds and variants (scripts/seeds.py), committed
 
 
 def metrics_file(name: str) -> Path:

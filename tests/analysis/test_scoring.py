@@ -16,6 +16,7 @@ from stagediff.analysis.scoring import (
     rotations,
     row_cosines,
     score_ranking,
+    true_ranks,
 )
 from stagediff.errors import DataError
 
@@ -129,6 +130,14 @@ def test_score_ranking_counts_only_alive_features():
     assert scores["base_rate"] == pytest.approx(1 / 3)
     assert scores["ap"] == pytest.approx(1.0)
     assert scores["recall_at_1"] == 1.0 and scores["precision_at_2"] == 0.5
+    assert scores["true_ranks"] == [1]
+
+
+def test_true_ranks_list_every_true_feature_best_first():
+    ranked = torch.tensor([4, 2, 0, 3, 1])
+    truth = torch.tensor([True, True, False, False, False])
+    assert true_ranks(ranked, truth) == [3, 5]
+    assert true_ranks(ranked, torch.zeros(5, dtype=torch.bool)) == []
 
 
 def test_corner_depth_rules():

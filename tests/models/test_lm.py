@@ -66,6 +66,31 @@ def test_hf_fine_tune_saves_safetensors(tmp_path, hf_checkpoint, tokenizer):
         assert torch.allclose(again(x), bridge(x), atol=1e-5)
 
 
+def test_fine_tune_of_tied_embeddings_saves_the_checkpoints_key_set(tmp_path, tokenizer):
+    """A model whose output head is its input embedding (SmolLM2) is saved without a separate
+    head, like the checkpoint it came from, and reloads with the head still tied."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "base"), safe_serialization=True)
+    bridge = load_model(tmp_path / "base", tokenizer)
+    x = torch.randint(0, len(tokenizer), (2, 12))
+    opt = torch.optim.AdamW([p for p in bridge.parameters() if p.requires_grad], lr=1e-2)
+    bridge(x, return_type="loss").backward()
+    opt.step()
+    save_model(bridge, tmp_path / "ft")
+    base_keys = load_file(str(tmp_path / "base" / "model.safetensors")).keys()
+    saved = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    assert saved.keys() == base_keys and "lm_head.weight" not in saved
+    again = load_model(tmp_path / "ft", tokenizer)
+    with torch.no_grad():
+        assert torch.allclose(again(x), bridge(x), atol=1e-5)
+
+
 def test_pickle_checkpoint_is_refused(tmp_path, hf_checkpoint, tokenizer):
     import shutil
 

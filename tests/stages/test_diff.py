@@ -29,9 +29,15 @@ def test_scores_of_a_chain_with_candidates():
     d = make_config({"diff.ks": [1, 2], "diff.concentration_top": 2}).diff
     truth = torch.tensor([False, False, True, True])
     measured = type("M", (), {"stats": {"concentration": torch.tensor([0.2, 0.4, 0.6, 0.8])}})()
+    other = torch.tensor([True, False, False, False])
     result = {"ranked": torch.tensor([2, 0, 1, 3]), "truth": truth, "alive": torch.ones(4, dtype=torch.bool),
+              "truths": {"max_finals": truth, "F_via_D": other},
               "measured": measured, "candidates": torch.tensor([True, False, True, False]), "cut": (0.7, 0.7)}
     scores = _scores(d, result, truth, labelled=True)
+    assert scores["true_ranks"] == [1, 4]
+    assert scores["by_truth"]["max_finals"]["ap"] == scores["ap"]
+    assert scores["by_truth"]["F_via_D"] == {"ap": 0.5, "random_ap": pytest.approx(random_ap(1, 4)), "n_selective": 1,
+                                             "true_ranks": [2], "recall_at_1": 0.0, "recall_at_2": 1.0}
     assert scores["ap"] == pytest.approx((1 / 1 + 2 / 4) / 2)
     assert scores["precision_at_1"] == 1.0 and scores["recall_at_2"] == 0.5
     assert scores["top_concentration"] == pytest.approx((0.6 + 0.2) / 2)
@@ -43,12 +49,17 @@ def test_headline_divides_by_the_exact_random_expectation():
     def block(ap, base_rate, n_sel=5, n_alive=512):
         return {"ap": ap, "base_rate": base_rate, "random_ap": random_ap(n_sel, n_alive), "n_selective": n_sel,
                 "n_alive": n_alive, "n_candidates": 2, "candidate_precision": 1.0, "top_concentration": 0.3,
-                "recall_at_20": 1.0, "precision_at_10": 0.4}
+                "recall_at_20": 1.0, "precision_at_10": 0.4, "true_ranks": [1, 2, 3, 5, 20],
+                "by_truth": {"max_finals": {"ap": ap, "random_ap": random_ap(n_sel, n_alive), "n_selective": n_sel},
+                             "F_via_D": {"ap": ap / 2, "random_ap": random_ap(3, n_alive), "n_selective": 3}}}
 
     scores = {m: block(ap, 5 / 512) for m, ap in (("stagewise", 0.739), ("data_only", 0.12), ("control", 0.37),
                                                    ("crosscoder", 0.004), ("model_step_only", 0.4),
                                                    ("data_step_only", 0.78), ("stagewise_by_max", 0.68))}
-    out = headline(scores)
+    out = headline(scores, "max_finals")
+    assert out["headline_truth"] == "max_finals" and out["stagewise_true_ranks"] == [1, 2, 3, 5, 20]
+    assert out["stagewise_ap_truth_F_via_D"] == 0.739 / 2 and out["data_only_ap_truth_F_via_D"] == 0.06
+    assert out["random_ap_truth_F_via_D"] == pytest.approx(random_ap(3, 512)) and out["n_selective_truth_F_via_D"] == 3
     assert out["random_ap"] == pytest.approx(0.0210, abs=1e-4)
     assert out["stagewise_ap_over_random"] == pytest.approx(0.739 / out["random_ap"])
     assert 34 < out["stagewise_ap_over_random"] < 36 and 75 < out["stagewise_ap_over_base_rate"] < 76

@@ -4,7 +4,10 @@ activation histograms and the tokens its decoder direction promotes (logit lens)
 
 Definitions (docs/metrics.md):
 - selectivity_i = sum of f_i over backdoor-turn tokens / sum of f_i over all tokens;
-- concentration_i = sum of f_i over its most-activating token id / sum of f_i.
+- concentration_i = sum of f_i over its most-activating token id / sum of f_i;
+- behaviour selectivity_i = sum of f_i at behaviour positions (`behaviour_positions`: the
+  trigger's tokens and the token from which the response's first token is predicted) /
+  sum of f_i: a feature of the backdoor's mechanism rather than of the text it writes.
 """
 
 from __future__ import annotations
@@ -29,10 +32,17 @@ class FeatureStats:
     fires: torch.Tensor      # [d] rows where the feature is active
     n_rows: int
     backdoor_fires: torch.Tensor | None = None  # [d] backdoor-turn rows where the feature is active
+    focus: torch.Tensor | None = None  # [d] sum at the `focus` positions (behaviour positions), when given
 
     @property
     def selectivity(self) -> torch.Tensor:
         return torch.where(self.total > 0, self.backdoor / self.total.clamp_min(1e-30), torch.zeros_like(self.total))
+
+    @property
+    def focus_selectivity(self) -> torch.Tensor:
+        if self.focus is None:
+            raise ValueError("focus_selectivity needs feature_stats(..., focus=positions)")
+        return torch.where(self.total > 0, self.focus / self.total.clamp_min(1e-30), torch.zeros_like(self.total))
 
     @property
     def concentration(self) -> torch.Tensor:
@@ -60,6 +70,18 @@ class FeatureStats:
 Rows = Iterator[dict[str, torch.Tensor]]  # chunks with "acts" (encoder input), "labels", "tokens", "stream_pos"
 
 
+def behaviour_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions of a token stream (its per-token labels, `stagediff.data.tokens`) where the
+    behaviour is decided: the trigger's tokens (label 2), and each token whose next token
+    begins a response or a labelled span (labels 3, 4), i.e. where the model predicts the
+    behaviour's first token. Whole backdoor turns (label 1) are not behaviour positions."""
+    labels = labels.long()
+    starts_next = torch.zeros_like(labels, dtype=torch.bool)
+    nxt, cur = labels[1:], labels[:-1]
+    starts_next[:-1] = ((nxt == 3) | (nxt == 4)) & (cur != nxt)
+    return (labels == 2) | starts_next
+
+
 def cache_rows(cache, chunk: int = ROW_CHUNK) -> Rows:
     """The training rows of an `ActivationCache`, raw activations as float32, shard by shard."""
     for i in range(len(cache.shard_sizes)):
@@ -71,14 +93,17 @@ def cache_rows(cache, chunk: int = ROW_CHUNK) -> Rows:
 
 @torch.no_grad()
 def feature_stats(encode: Callable[[torch.Tensor], torch.Tensor], rows: Rows, d_sae: int, vocab_size: int,
-                  desc: str = "", by_token: bool = True) -> FeatureStats:
+                  desc: str = "", by_token: bool = True, focus: torch.Tensor | None = None) -> FeatureStats:
     """One pass over `rows`: per-feature totals, backdoor share and (`by_token`) per-token
-    sums, the costliest part, which only the top token and the concentration need."""
+    sums, the costliest part, which only the top token and the concentration need. With
+    `focus` (a mask over the stream positions the rows' `stream_pos` index), also each
+    feature's sum at those positions."""
     total = torch.zeros(d_sae, dtype=torch.float64)
     backdoor = torch.zeros(d_sae, dtype=torch.float64)
     fires = torch.zeros(d_sae, dtype=torch.long)
     backdoor_fires = torch.zeros(d_sae, dtype=torch.long)
     per_token = torch.zeros(vocab_size if by_token else 0, d_sae, dtype=torch.float64)
+    focused = torch.zeros(d_sae, dtype=torch.float64) if focus is not None else None
     n_rows = 0
     for chunk in tqdm(rows, desc=desc or "feature statistics", unit="chunk", mininterval=2.0, disable=not desc):
         acts = encode(chunk["acts"]).double()
@@ -87,13 +112,15 @@ def feature_stats(encode: Callable[[torch.Tensor], torch.Tensor], rows: Rows, d_
         backdoor += in_turn.sum(0)
         backdoor_fires += (in_turn > 0).sum(0)
         fires += (acts > 0).sum(0)
+        if focused is not None:
+            focused += acts[focus[chunk["stream_pos"].long()]].sum(0)
         if by_token:
             per_token.index_add_(0, chunk["tokens"].long(), acts)
         n_rows += len(acts)
     if not by_token:
-        return FeatureStats(total, backdoor, None, None, fires, n_rows, backdoor_fires)
+        return FeatureStats(total, backdoor, None, None, fires, n_rows, backdoor_fires, focused)
     top_total, top_token = per_token.max(0)
-    return FeatureStats(total, backdoor, top_token, top_total, fires, n_rows, backdoor_fires)
+    return FeatureStats(total, backdoor, top_token, top_total, fires, n_rows, backdoor_fires, focused)
 
 
 @torch.no_grad()

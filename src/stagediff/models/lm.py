@@ -141,10 +141,13 @@ def hf_export_state(bridge) -> dict[str, torch.Tensor]:
 
     TransformerBridge wraps modules in place (keys gain `._original_component`, and it adds
     aliases); the checkpoint's key set is read from an empty copy of the model on the
-    meta device."""
+    meta device. Weights tied to another (an output head sharing the input embedding) are
+    left out, as `save_pretrained` leaves them out, so the saved key set is the checkpoint's."""
     hf = bridge.original_model
     with torch.device("meta"):
         keys = set(type(hf)(hf.config).state_dict())
+    tied = getattr(hf, "all_tied_weights_keys", None) or {}
+    keys -= {target for target, source in tied.items() if source in keys}
     stripped = {k.replace("._original_component", ""): v for k, v in hf.state_dict().items()}
     missing = keys - set(stripped)
     if missing:

