@@ -87,7 +87,9 @@ def run(args) -> None:
         dvc(ws, *cmd, *args.targets)
     if args.no_start:
         return
-    dvc(ws, "queue", "start", "-j", str(args.jobs))
+    # `dvc queue start` can block while workers spin up or wind down: start it detached and poll.
+    subprocess.Popen(["dvc", "queue", "start", "-j", str(args.jobs)], cwd=ws, env=env_for(ws),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     while True:
         time.sleep(args.poll)
         status = dvc(ws, "queue", "status")
