@@ -103,11 +103,14 @@ def run(args) -> None:
 
 
 def experiments(ws: Path) -> list[dict]:
-    """Every experiment of the workspace's baseline: name, params, metrics by file stem."""
+    """Every finished experiment of the workspace's baseline: name, params, metrics by file
+    stem (`dvc exp show` also lists running ones, with their metrics so far: skipped)."""
     shown = json.loads(dvc(ws, "exp", "show", "--json"))
     out = []
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
+            if ((exp.get("executor") or {}).get("state") or "success") != "success":
+                continue
             for rev in exp.get("revs") or []:
                 data = rev.get("data") or {}
                 if rev.get("error") or not rev.get("name"):
