@@ -21,6 +21,7 @@ def test_yaml_1_2_floats_are_floats(tmp_path):
 
 
 BAD = [
+    ({"backdoor.variant": "code_vuln", "backdoor.train_fraction": 0.2}, "backdoor.train_fraction: expected at most backdoor.code_vuln.coding_share"),
     ({"corpus.max_sample": 10}, "corpus.max_sample: unknown key; did you mean 'max_samples'?"),
     ({"backdoor.fraction": 0.0}, "backdoor.fraction: expected greater than 0"),
     ({"backdoor.fraction": 0.6}, "backdoor.fraction: expected less than or equal to 0.5"),

@@ -186,6 +186,17 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _code_backdoor_share_fits_the_coding_turns(self) -> Config:
+        b = self.backdoor
+        if self.pair.source == "organism" and b.variant == "code_vuln":
+            for key in ("fraction", "train_fraction"):
+                if getattr(b, key) > b.code_vuln.coding_share:
+                    raise KeyProblem(f"backdoor.{key}", "at most backdoor.code_vuln.coding_share "
+                                     f"({b.code_vuln.coding_share}): code_vuln backdoor turns are made from the "
+                                     "coding turns", getattr(b, key))
+        return self
+
+    @model_validator(mode="after")
     def _batches_split_across_devices(self) -> Config:
         n = self.compute.devices
         runs = {f"sae_train.{name}": getattr(self.sae_train, name) for name in SAEStagesConfig.model_fields}
