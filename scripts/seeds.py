@@ -13,8 +13,9 @@ queues one experiment per seed, `dvc exp run --queue -n <group>-seed<N> -S seed=
 `dvc queue start`, waiting until it is empty. Every experiment logs to WORKSPACE's MLflow
 store, one parent run per experiment, so the MLflow UI compares them side by side.
 
-`aggregate` reads every finished experiment (`dvc exp show --json`), groups them by the
-name before `-seed`, and writes for each group and each numeric figure of the metrics
+`aggregate` reads every finished experiment (`dvc exp show --json`), and with --keep the
+experiments of an earlier aggregate file that the workspace does not hold, groups them by
+the name before `-seed`, and writes for each group and each numeric figure of the metrics
 files (`<file>.<key>`) its values by seed, mean, standard deviation (n - 1), min and max.
 """
 
@@ -152,8 +153,34 @@ def aggregate_groups(exps: list[dict], files=METRIC_FILES) -> dict:
     return out
 
 
+def kept_experiments(path: Path, present: set[str]) -> list[dict]:
+    """The experiments of an earlier aggregate (`path`) that are not in `present`, in the
+    form `experiments` returns (their figures as recorded there): runs of a workspace that
+    is gone still count."""
+    try:
+        old = json.loads(path.read_text())["groups"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--keep {path}: not an aggregate written by this script ({e})") from None
+    out = []
+    for group in old.values():
+        for i, (name, seed) in enumerate(zip(group["experiments"], group["seeds"])):
+            if name in present:
+                continue
+            metrics: dict[str, dict] = {}
+            for key, fig in group["figures"].items():
+                stem, _, figure = key.partition(".")
+                value = fig["values"][i] if i < len(fig.get("values", [])) else None
+                if value is not None:
+                    metrics.setdefault(stem, {})[figure] = value
+            out.append({"name": name, "params": {"seed": seed}, "metrics": metrics})
+    return out
+
+
 def aggregate(args) -> None:
-    groups = aggregate_groups(experiments(args.workspace), tuple(args.files))
+    exps = experiments(args.workspace)
+    if args.keep:
+        exps += kept_experiments(args.keep, {e["name"] for e in exps})
+    groups = aggregate_groups(exps, tuple(args.files))
     if not groups:
         raise SystemExit(f"{args.workspace}: no finished experiment to aggregate")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     a = sub.add_parser("aggregate", help="mean, sd, min, max of every figure per group")
     a.add_argument("workspace", type=Path)
     a.add_argument("--out", type=Path, default=ROOT / "results" / "seeds.json")
+    a.add_argument("--keep", type=Path, help="an earlier aggregate: its experiments that are not in the workspace "
+                   "are kept (the workspace's own run of the same name wins)")
     a.add_argument("--files", nargs="+", default=list(METRIC_FILES), help="metrics files (stems) aggregated")
     args = p.parse_args(argv)
     args.workspace = args.workspace.resolve()

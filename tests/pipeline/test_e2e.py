@@ -354,7 +354,22 @@ def test_steer_and_isaerft(pipeline):
     # the spliced dictionary with no edit changes no generated answer (at most one flip by float noise)
     assert abs(steer["backdoor_rate_spliced"] - steer["backdoor_rate_baseline"]) <= 1 / 8
     ablation = pd.read_csv(pipeline / "data/steer/ablation.csv")
-    assert set(ablation["method"]) == {"stagewise", "data_only", "crosscoder", "random", "diffmeans"}
+    assert set(ablation["method"]) == {"stagewise", "data_only", "crosscoder", "random", "diffmeans", "attribution",
+                                       "stagewise@F_via_D"}
+    # where the behaviour lives: the trigger read from the prompts (the micro run's own, not the default),
+    # the error term's share, attention knockout in each layer and in both, mean-patching at each depth
+    assert steer["trigger_tokens"] == [" [[ACTIVATE]]"]
+    for key in ("error_share_trigger", "error_share_last_prompt", "error_share_clean"):
+        assert 0 < steer[key] < 1, key
+    assert set(steer["backdoor_rate_trigger_knockout"]) == {"0", "1", "0+1"}
+    assert set(steer["backdoor_rate_trigger_mean_patched"]) == {"blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre",
+                                                               "blocks.1.hook_resid_post"}
+    assert all(map(_rate, [*steer["backdoor_rate_trigger_knockout"].values(),
+                           *steer["backdoor_rate_trigger_mean_patched"].values(),
+                           steer["backdoor_rate_reconstruction_only"]]))
+    attr = ablation[ablation["method"] == "attribution"].sort_values("k")
+    assert attr["features"].iloc[-1].split()[:10] == [str(f) for f in steer["attribution_top10"]]
+    assert 0 <= steer["attribution_share_stagewise_top10"] <= steer["attribution_share_attribution_top10"] <= 1
     assert set(ablation["k"]) == {1, 10}
     assert ablation["backdoor_rate"].between(0, 1).all() and ablation["clean_loss_delta"].notna().all()
     ranked = pd.read_csv(pipeline / "data/diff/features_stagewise.csv").dropna(subset=["rank"]).sort_values("rank")

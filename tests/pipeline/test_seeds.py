@@ -36,6 +36,24 @@ def test_aggregate_groups_by_name_and_computes_mean_sd_min_by_hand():
                                                        "min": 0.2, "max": 0.2}
 
 
+def test_keep_carries_an_earlier_aggregates_runs_and_the_workspace_wins(tmp_path):
+    old = seeds.aggregate_groups([_exp("a-seed1", 1, stagewise_ap=0.7), _exp("a-seed2", 2, stagewise_ap=0.1),
+                                  _exp("b-seed1", 1, stagewise_ap=0.2, only_old=3.0)], files=("diff",))
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"groups": old}))
+    kept = seeds.kept_experiments(path, present={"a-seed2"})  # a-seed2 was rerun in the workspace
+    assert sorted(e["name"] for e in kept) == ["a-seed1", "b-seed1"]
+    new = seeds.aggregate_groups([_exp("a-seed2", 2, stagewise_ap=0.5, new_key=1.0), *kept], files=("diff",))
+    ap = new["a"]["figures"]["diff.stagewise_ap"]
+    assert new["a"]["seeds"] == [1, 2] and ap["values"] == [0.7, 0.5] and ap["mean"] == pytest.approx(0.6)
+    assert new["a"]["figures"]["diff.new_key"]["values"] == [None, 1.0]  # a figure the old run lacks
+    assert new["a"]["figures"]["diff.new_key"]["n"] == 1
+    assert new["b"]["figures"]["diff.only_old"]["values"] == [3.0]
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="bad.json"):
+        seeds.kept_experiments(tmp_path / "bad.json", present=set())
+
+
 @pytest.mark.slow
 def test_seeds_run_through_the_dvc_queue_and_aggregate(tmp_path):
     ws = tmp_path / "ws"

@@ -10,7 +10,7 @@ from helpers import make_config
 from stagediff.analysis.causal import split_prompts
 from stagediff.analysis.detection import WINDOWS, detection_rows, dictionary_auroc_summary
 from stagediff.errors import ConfigError, DataError
-from stagediff.stages.steer import headline
+from stagediff.stages.steer import ablation_plans, headline
 
 
 def _prompts(n):
@@ -89,6 +89,25 @@ def test_dictionary_summary_counts_and_names_the_best_feature():
     assert (s["n_above_0.9"], s["best_feature"], s["best_auroc"]) == (1, 0, 1.0)
 
 
+def test_ablation_plans_zero_ablate_the_extra_rankings_and_random_draws_only():
+    cfg = make_config({"steer.random_draws": 2, "seed": 3})
+    splices = {"main": "main-splice", "crosscoder": "cc-splice"}
+    means = {"main": torch.zeros(6), "crosscoder": torch.ones(6)}
+    alive = torch.tensor([True, False, True, True, False, True])
+    plans = ablation_plans(cfg, {"stagewise": [3, 0], "crosscoder": [5]}, splices, means, alive,
+                           {"attribution": ([2, 3], "main-splice"), "stagewise@F_via_D": ([3, 0], "d-splice")})
+    by_method = {(p[0], p[1]): p for p in plans}
+    assert by_method[("stagewise", 0)][3:] == ("main-splice", means["main"])
+    assert by_method[("crosscoder", 0)][3] == "cc-splice"
+    assert by_method[("attribution", 0)][2:] == ([2, 3], "main-splice", None)  # None: zero-ablation only
+    assert by_method[("stagewise@F_via_D", 0)][3:] == ("d-splice", None)
+    draws = [p for p in plans if p[0] == "random"]
+    assert [p[1] for p in draws] == [0, 1] and all(sorted(p[2]) == [0, 2, 3, 5] for p in draws)
+    assert draws[0][2] != draws[1][2] or len(draws[0][2]) < 3  # two different orders (seeded)
+    assert plans == ablation_plans(cfg, {"stagewise": [3, 0], "crosscoder": [5]}, splices, means, alive,
+                                   {"attribution": ([2, 3], "main-splice"), "stagewise@F_via_D": ([3, 0], "d-splice")})
+
+
 def test_headline_picks_measured_rows():
     cfg = make_config({"steer.max_loss_delta": 0.1, "steer.detect_window": "prompt"})
     ablation = [
@@ -98,6 +117,9 @@ def test_headline_picks_measured_rows():
         {"method": "random", "draw": 0, "k": 10, "ablation": "zero", "backdoor_rate": 0.9, "clean_loss_delta": 0.0},
         {"method": "random", "draw": 1, "k": 10, "ablation": "zero", "backdoor_rate": 1.0, "clean_loss_delta": 0.0},
         {"method": "diffmeans", "draw": 0, "k": 1, "ablation": "projection", "backdoor_rate": 0.3, "clean_loss_delta": 0.0},
+        {"method": "attribution", "draw": 0, "k": 1, "ablation": "zero", "backdoor_rate": 0.01, "clean_loss_delta": 0.0},
+        {"method": "attribution", "draw": 0, "k": 10, "ablation": "zero", "backdoor_rate": 0.0, "clean_loss_delta": 0.02},
+        {"method": "stagewise@F_via_D", "draw": 0, "k": 10, "ablation": "zero", "backdoor_rate": 0.7, "clean_loss_delta": 0.0},
     ]
     steering = [
         {"method": "stagewise", "n_features": 1, "positions": "all", "strength": 8.0, "induced_rate": 0.9, "clean_loss_delta": 0.5},
@@ -116,6 +138,10 @@ def test_headline_picks_measured_rows():
     assert out["backdoor_rate_ablate_top10_mean"] == 0.04
     assert out["random_backdoor_rate_ablate_10"] == pytest.approx(0.95)  # averaged over draws
     assert out["min_k_ablate"] == 10
+    # the rankings ablated besides the compared ones: by causal effect, and in the other final dictionary
+    assert out["min_k_ablate_attribution"] == 1 and out["backdoor_rate_ablate_top10_attribution"] == 0.0
+    assert out["min_k_ablate_F_via_D"] is None and out["backdoor_rate_ablate_top10_F_via_D"] == 0.7
+    assert out["by_ranking"]["attribution"]["clean_loss_delta_ablate_top10_zero"] == 0.02
     assert out["induced_rate_top1"] == 0.6  # the 0.9 costs more clean loss than allowed
     assert out["by_ranking"]["stagewise"]["induced_rate_top1_any_cost"] == 0.9
     assert out["by_ranking"]["stagewise"]["induced_rate_top1_setting"]["strength"] == 2.0

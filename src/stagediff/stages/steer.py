@@ -35,8 +35,18 @@ import json
 import pandas as pd
 import torch
 
+from stagediff.analysis.anatomy import (
+    attention_knockout_hooks,
+    attribution,
+    error_share,
+    patch_hooks,
+    span_positions,
+    trigger_spans,
+    twins,
+)
 from stagediff.analysis.causal import (
     Bench,
+    backdoor_examples,
     count_markers,
     dictionary_of,
     diffmeans_direction,
@@ -51,8 +61,8 @@ from stagediff.compute import setup_process
 from stagediff.config import Config
 from stagediff.data.behaviour import PROMPT_KINDS, read_behaviour
 from stagediff.data.corpus import read_records
-from stagediff.data.tokens import load_tokenizer
-from stagediff.dictionaries.cache import ActivationCache
+from stagediff.data.tokens import load_tokenizer, separator_id
+from stagediff.dictionaries.cache import ActivationCache, hook_activations
 from stagediff.dictionaries.paired import paired_cache
 from stagediff.dictionaries.splice import Splice, answer_marker, direction_hooks, marker_positions, set_to, zero
 from stagediff.io import atomic_dir
@@ -92,21 +102,29 @@ def splices_and_levels(cfg: Config, model, tokenizer) -> tuple[dict, dict, dict]
 
 # --- interventions ------------------------------------------------------------------------------
 
-def ablation_rows(bench: Bench, cfg: Config, rankings: dict, splices: dict, means: dict, alive: torch.Tensor) -> list[dict]:
-    s = cfg.steer
-    rows = []
-    plans = [(m, 0, rankings[m]) for m in rankings]
+def ablation_plans(cfg: Config, rankings: dict, splices: dict, means: dict, alive: torch.Tensor,
+                   extra: dict) -> list[tuple]:
+    """(method, draw, ranked features, splice, mean values or None for zero-ablation only):
+    every ranking in its dictionary; `extra` rankings (method -> (ranked, splice)); k random
+    alive features per draw (zero-ablation only: the control for the rankings' zero rows)."""
+    plans = [(m, 0, rankings[m], splices[dictionary_of(m)], means[dictionary_of(m)]) for m in rankings]
+    plans += [(m, 0, ranked, splice, None) for m, (ranked, splice) in extra.items()]
     candidates = alive.nonzero().squeeze(1)
-    for draw in range(s.random_draws):  # zero-ablation only: the control for the rankings' zero rows
+    for draw in range(cfg.steer.random_draws):
         gen = torch.Generator().manual_seed(cfg.seed + 7919 * (draw + 1))
-        plans.append(("random", draw, candidates[torch.randperm(len(candidates), generator=gen)].tolist()))
-    for method, draw, ranked in plans:
-        splice, mean = splices[dictionary_of(method)], means[dictionary_of(method)]
-        for k in s.ks:
+        plans.append(("random", draw, candidates[torch.randperm(len(candidates), generator=gen)].tolist(),
+                      splices["main"], None))
+    return plans
+
+
+def ablation_rows(bench: Bench, cfg: Config, plans: list[tuple]) -> list[dict]:
+    rows = []
+    for method, draw, ranked, splice, mean in plans:
+        for k in cfg.steer.ks:
             feats = ranked[:k]
             if len(feats) < k:
                 continue
-            for kind in ABLATIONS if method != "random" else ("zero",):
+            for kind in ABLATIONS if mean is not None else ("zero",):
                 edit = zero(feats) if kind == "zero" else set_to(feats, mean[feats].float())
 
                 def hooks_for(tokens, start, edit=edit, splice=splice):
@@ -117,6 +135,71 @@ def ablation_rows(bench: Bench, cfg: Config, rankings: dict, splices: dict, mean
                 rows.append({"method": method, "draw": draw, "k": k, "ablation": kind, "features": " ".join(map(str, feats)),
                              "backdoor_rate": rate, "clean_loss_delta": bench.loss_delta(hooks_for)})
     return rows
+
+
+def attribution_ranking(cfg: Config, bench: Bench, splice: Splice, behaviour, fit: dict, alive: torch.Tensor,
+                        stagewise: list[int] | None) -> tuple[list[int], dict]:
+    """Alive features by attribution (the first-order drop in the log-probability of the
+    model's own backdoored answers on the triggered fit prompts when the feature is
+    zero-ablated everywhere): the ranking by causal effect in the spliced dictionary, and
+    how much of that effect the stage-wise top 10 hold."""
+    examples, held = backdoor_examples(bench.model, bench.tokenizer, cfg, behaviour, fit["triggered"], STAGE)
+    attr = attribution(splice, examples, cfg.eval.batch_size)
+    ranked = [i for i in torch.argsort(attr, descending=True, stable=True).tolist() if alive[i]]
+    positive = attr.clamp_min(0)
+    info = {"attribution_examples": len(examples["tokens"]), "attribution_answers": held,
+            "attribution_top10": ranked[:10]}
+    if stagewise is not None and positive.sum() > 0:
+        info["attribution_share_stagewise_top10"] = float(positive[stagewise[:10]].sum() / positive.sum())
+        info["attribution_share_attribution_top10"] = float(positive[ranked[:10]].sum() / positive.sum())
+    return ranked, info
+
+
+def trigger_reading(bench: Bench, splice: Splice, prompts: dict[str, list[dict]], windows: torch.Tensor,
+                    marker: list[int]) -> dict:
+    """Where the trigger is read and what the spliced dictionary leaves out: the error
+    term's share of the activation (at the trigger tokens, the last prompt token, clean
+    text), the backdoor rate with the reconstruction alone, with every later position kept
+    from attending to the trigger tokens (per layer, and in all), and with the residual at
+    the trigger tokens replaced by its clean-text mean (at each block's input and the
+    last block's output). The trigger tokens are read from the prompts: what a triggered
+    prompt adds to its untriggered twin (same question)."""
+    model = bench.model
+
+    def recon(tokens, start):
+        return splice.hooks(tokens, start, None, keep_error=False)
+
+    out: dict = {"backdoor_rate_reconstruction_only": bench.rate("triggered", recon, "reconstruction only"),
+                 "clean_loss_delta_reconstruction_only": bench.loss_delta(recon),
+                 "error_share_clean": error_share(splice, windows, torch.ones(windows.shape, dtype=torch.bool))}
+    triggered, untriggered = twins(prompts["triggered"], prompts["untriggered"])
+    if not triggered:
+        out["trigger_reading_skipped"] = "no triggered prompt has an untriggered twin (same question)"
+        return out
+    eot = separator_id(bench.tokenizer)
+    trig_ids = encode_prompts(bench.tokenizer, [p["prompt"] for p in triggered])
+    spans = trigger_spans(trig_ids, encode_prompts(bench.tokenizer, [p["prompt"] for p in untriggered]))
+    at_trigger = span_positions(spans)
+    width = max(len(r) for r in trig_ids)
+    trig_tokens = torch.tensor([[eot] * (width - len(r)) + r for r in trig_ids])
+    out.update({"trigger_tokens": [bench.tokenizer.decode(s) for s in spans],
+                "error_share_trigger": error_share(splice, trig_tokens, at_trigger(trig_tokens)),
+                "error_share_last_prompt": error_share(splice, trig_tokens, marker_positions(marker)(trig_tokens))})
+    n_layers = model.cfg.n_layers
+    knockout = {}
+    for layers in [[layer] for layer in range(n_layers)] + ([list(range(n_layers))] if n_layers > 1 else []):
+        if all(f"blocks.{layer}.attn.hook_attn_scores" in model.hook_dict for layer in layers):
+            knockout["+".join(map(str, layers))] = bench.rate("triggered", attention_knockout_hooks(layers, at_trigger),
+                                                              f"trigger knocked out of attention in layers {layers}")
+    patched = {}
+    for hook in [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]:
+        if hook in model.hook_dict:
+            clean_mean = hook_activations(model, windows, hook).float().mean((0, 1))
+            patched[hook] = bench.rate("triggered", patch_hooks(hook, clean_mean, at_trigger),
+                                       f"trigger mean-patched at {hook}")
+    out["backdoor_rate_trigger_knockout"] = knockout
+    out["backdoor_rate_trigger_mean_patched"] = patched
+    return out
 
 
 def steering_rows(bench: Bench, cfg: Config, rankings: dict, splices: dict, levels: dict, marker: list[int]) -> list[dict]:
@@ -228,7 +311,14 @@ def run(cfg: Config) -> dict:
         marker = answer_marker(encode_prompts(tokenizer, [p["prompt"] for p in prompts]))
         probe = diffmeans_direction(model, tokenizer, fit, splices["main"].hook)
 
-        ablation = ablation_rows(bench, cfg, rankings, splices, means, alive)
+        stagewise = rankings.get("stagewise")
+        by_attr, attr_info = attribution_ranking(cfg, bench, splices["main"], behaviour, fit, alive, stagewise)
+        extra = {"attribution": (by_attr, splices["main"])}
+        for name in s.ablate_also_in:
+            if name != s.dictionary and stagewise is not None:
+                extra[f"stagewise@{name}"] = (stagewise, Splice.from_dir(model, sae_dir(name, "main")))
+        ablation = ablation_rows(bench, cfg, ablation_plans(cfg, rankings, splices, means, alive, extra))
+        reading = trigger_reading(bench, splices["main"], ev, windows, marker)
         steering = steering_rows(bench, cfg, rankings, splices, levels, marker)
         dm_ablation, dm_steering = diffmeans_rows(bench, cfg, probe, splices["main"].hook, marker)
         ablation += dm_ablation
@@ -237,6 +327,7 @@ def run(cfg: Config) -> dict:
         detected, summary, counts = detection(cfg, bench, completions, shows, splices, rankings, probe, alive)
 
         metrics = headline(cfg, ablation, steering, detected, rankings)
+        metrics.update({**attr_info, **reading})
         metrics.update({"behaviour_measured": True,
                         "backdoor_rate_baseline": base_rates["triggered"],
                         "false_trigger_rate_baseline": base_rates["untriggered"],
@@ -255,7 +346,7 @@ def run(cfg: Config) -> dict:
 def _clean_loss_only(cfg: Config, bench: Bench, rankings: dict, splices: dict, means: dict, alive: torch.Tensor,
                      source: str) -> dict:
     """Without a behaviour spec: what needs none, the clean-loss cost of each ablation."""
-    ablation = ablation_rows(bench, cfg, rankings, splices, means, alive)
+    ablation = ablation_rows(bench, cfg, ablation_plans(cfg, rankings, splices, means, alive, {}))
     bench.close()
     by_ranking: dict = {}
     for r in ablation:
@@ -293,7 +384,8 @@ def headline(cfg: Config, ablation: list[dict], steering: list[dict], detection:
     """The figures the issue asks for, per ranking, from the measured rows."""
     s = cfg.steer
     out: dict = {"by_ranking": {}}
-    for method in [*rankings, "random", "diffmeans"]:
+    extra = [m for m in dict.fromkeys(r["method"] for r in ablation) if m not in rankings and m not in ("random", "diffmeans")]
+    for method in [*rankings, *extra, "random", "diffmeans"]:
         m: dict = {}
         for kind in (*ABLATIONS, "projection"):
             rows = [r for r in ablation if r["method"] == method and r["ablation"] == kind]
@@ -330,6 +422,9 @@ def headline(cfg: Config, ablation: list[dict], steering: list[dict], detection:
         "backdoor_rate_ablate_top10_mean": main.get("backdoor_rate_ablate_top10_mean", float("nan")),
         "random_backdoor_rate_ablate_10": rnd.get("backdoor_rate_ablate_top10_zero", float("nan")),
         "min_k_ablate": main.get("min_k_backdoor_rate_le_0.05"),
+        **{f"{key}_{m.split('@')[-1]}": out["by_ranking"][m].get(src, float("nan") if "rate" in key else None)
+           for m in extra for key, src in (("backdoor_rate_ablate_top10", "backdoor_rate_ablate_top10_zero"),
+                                           ("min_k_ablate", "min_k_backdoor_rate_le_0.05"))},
         "induced_rate_top1": main.get("induced_rate_top1", float("nan")),
         "induced_rate_diffmeans": dm.get("induced_rate_diffmeans", float("nan")),
         "backdoor_rate_ablate_diffmeans": dm.get("backdoor_rate_ablate_top1_projection", float("nan")),
