@@ -34,6 +34,7 @@ import json
 
 import pandas as pd
 import torch
+from transformer_lens import HookedTransformer
 
 from stagediff.analysis.anatomy import (
     attention_knockout_hooks,
@@ -187,10 +188,14 @@ def trigger_reading(bench: Bench, splice: Splice, prompts: dict[str, list[dict]]
                 "error_share_last_prompt": error_share(splice, trig_tokens, marker_positions(marker)(trig_tokens))})
     n_layers = model.cfg.n_layers
     knockout = {}
-    for layers in [[layer] for layer in range(n_layers)] + ([list(range(n_layers))] if n_layers > 1 else []):
-        if all(f"blocks.{layer}.attn.hook_attn_scores" in model.hook_dict for layer in layers):
+    # the scores hook of TransformerLens's own attention (pre-softmax, [batch, head, query, key]);
+    # a TransformerBridge wraps the checkpoint's attention, whose scores are not edited here
+    if isinstance(model, HookedTransformer):
+        for layers in [[layer] for layer in range(n_layers)] + ([list(range(n_layers))] if n_layers > 1 else []):
             knockout["+".join(map(str, layers))] = bench.rate("triggered", attention_knockout_hooks(layers, at_trigger),
                                                               f"trigger knocked out of attention in layers {layers}")
+    else:
+        out["trigger_knockout_skipped"] = f"attention knockout needs a HookedTransformer; this model is a {type(model).__name__}"
     patched = {}
     for hook in [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]:
         if hook in model.hook_dict:
