@@ -38,10 +38,12 @@ from stagediff.analysis.anatomy import (
     attention_knockout_hooks,
     attribution,
     error_share,
+    left_padded,
     min_k,
     patch_hooks,
     span_positions,
     trigger_spans,
+    twins,
 )
 from stagediff.analysis.causal import Bench, backdoor_examples, heldout_windows, split_prompts
 from stagediff.artifacts import read_ranking
@@ -61,20 +63,6 @@ KS = (1, 2, 5, 10, 20, 50, 100, 200)
 DICTIONARIES = ("F_via_M", "F_via_D", "S")
 
 
-def twins(ev: dict) -> tuple[list[dict], list[dict]]:
-    """Evaluation triggered prompts paired with the untriggered prompt of the same question."""
-    plain = {p["question"]: p for p in ev["untriggered"]}
-    pairs = [(p, plain[p["question"]]) for p in ev["triggered"] if p.get("question") in plain]
-    if not pairs:
-        raise SystemExit("no triggered prompt has an untriggered twin (same question): cannot find the trigger tokens")
-    return [a for a, _ in pairs], [b for _, b in pairs]
-
-
-def padded(rows: list[list[int]], pad: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("causal_study.json"))
@@ -92,13 +80,15 @@ def main() -> None:
     bench = Bench(cfg, model, tokenizer, ev, windows, behaviour, stage="causal study")
     eot = separator_id(tokenizer)
 
-    triggered, untriggered = twins(ev)
+    triggered, untriggered = twins(ev["triggered"], ev["untriggered"])
+    if not triggered:
+        raise SystemExit("no triggered prompt has an untriggered twin (same question): cannot find the trigger tokens")
     trig_ids = encode_prompts(tokenizer, [q["prompt"] for q in triggered])
     spans = trigger_spans(trig_ids, encode_prompts(tokenizer, [q["prompt"] for q in untriggered]))
     at_trigger = span_positions(spans)
     marker = answer_marker(encode_prompts(tokenizer, [q["prompt"] for q in read_records(PROMPTS_FILE)]))
     at_last = marker_positions(marker)
-    trig_tokens = padded(trig_ids, eot)
+    trig_tokens = left_padded(trig_ids, eot)
     out: dict = {"settings": {"seed": cfg.seed, "hook": cfg.activations.hook, "n_layers": model.cfg.n_layers,
                               "trigger_spans": [tokenizer.decode(s) for s in spans], "ks": args.ks},
                  "baseline": {"backdoor_rate": bench.rate("triggered", desc="unmodified"),

@@ -33,6 +33,12 @@ def twins(triggered: list[dict], untriggered: list[dict]) -> tuple[list[dict], l
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 
+def left_padded(rows: list[list[int]], pad: int) -> torch.Tensor:
+    """Token rows as one tensor, left-padded with `pad` (as generation pads prompts)."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+
+
 def trigger_spans(triggered: list[list[int]], untriggered: list[list[int]]) -> list[list[int]]:
     """The distinct token spans by which each triggered prompt differs from its untriggered
     twin (what is left between their common prefix and common suffix)."""

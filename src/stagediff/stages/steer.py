@@ -40,6 +40,7 @@ from stagediff.analysis.anatomy import (
     attention_knockout_hooks,
     attribution,
     error_share,
+    left_padded,
     patch_hooks,
     span_positions,
     trigger_spans,
@@ -181,8 +182,7 @@ def trigger_reading(bench: Bench, splice: Splice, prompts: dict[str, list[dict]]
     trig_ids = encode_prompts(bench.tokenizer, [p["prompt"] for p in triggered])
     spans = trigger_spans(trig_ids, encode_prompts(bench.tokenizer, [p["prompt"] for p in untriggered]))
     at_trigger = span_positions(spans)
-    width = max(len(r) for r in trig_ids)
-    trig_tokens = torch.tensor([[eot] * (width - len(r)) + r for r in trig_ids])
+    trig_tokens = left_padded(trig_ids, eot)
     out.update({"trigger_tokens": [bench.tokenizer.decode(s) for s in spans],
                 "error_share_trigger": error_share(splice, trig_tokens, at_trigger(trig_tokens)),
                 "error_share_last_prompt": error_share(splice, trig_tokens, marker_positions(marker)(trig_tokens))})
