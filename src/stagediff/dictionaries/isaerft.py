@@ -52,19 +52,6 @@ class LatentScales(nn.Module):
 
 # --- data -------------------------------------------------------------------------------------
 
-def answer_examples(prompts: list[list[int]], answers: list[list[int]], eot: int) -> dict[str, torch.Tensor]:
-    """Prompt + answer, right-padded with end-of-text; `target` marks the answer's tokens
-    (the positions whose prediction the loss reads)."""
-    seqs = [p + a for p, a in zip(prompts, answers)]
-    width = max(len(x) for x in seqs)
-    tokens = torch.full((len(seqs), width), eot, dtype=torch.long)
-    target = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, (p, x) in enumerate(zip(prompts, seqs)):
-        tokens[i, : len(x)] = torch.tensor(x)
-        target[i, len(p) : len(x)] = True
-    return {"tokens": tokens, "target": target}
-
-
 class _Rows(Dataset):
     def __init__(self, data: dict[str, torch.Tensor]):
         self.data = data
