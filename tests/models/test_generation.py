@@ -26,7 +26,7 @@ def splice(model):
 @pytest.fixture(scope="module")
 def crosscoder(model):
     """A crosscoder splice whose partner is the same model (its base half reads the full context)."""
-    return Splice(model, random_sae(2 * model.cfg.d_model, seed=5), HOOK, partner=model, half_factors=(0.7, 1.3))
+    return Splice(model, random_sae(2 * model.cfg.d_model, seed=5), HOOK, partner=model, pairing="concatenation")
 
 
 def interventions(model, tokenizer, splice, crosscoder) -> dict:

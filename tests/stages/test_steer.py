@@ -68,7 +68,7 @@ def _pools(n_rows, d=3):
     feats[:2, 0] = 1.0
     feats[:, 1] = 0.5
     out = {f"features/{w}": feats for w in WINDOWS}
-    out.update({f"probe/{w}": torch.arange(n_rows, 0, -1).float() for w in WINDOWS})
+    out.update({f"probe/diffmeans/{w}": torch.arange(n_rows, 0, -1).float() for w in WINDOWS})
     return out
 
 

