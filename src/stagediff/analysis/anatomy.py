@@ -102,8 +102,8 @@ def attribution(splice, examples: dict[str, torch.Tensor], batch_size: int = 16)
 @torch.no_grad()
 def error_share(splice, tokens: torch.Tensor, mask: torch.Tensor) -> float:
     """sum ||act - recon||^2 / sum ||act||^2 over the masked positions of `tokens`."""
-    act, feats = splice.features(tokens)
-    recon = splice._output(splice.sae.decode(feats))
+    act, _ = splice.features(tokens)
+    recon = splice.spliced(act, tokens, None, keep_error=False).float()  # the reconstruction in the model's space
     err = (act.float() - recon)[mask]
     if not len(err):
         return float("nan")

@@ -178,7 +178,8 @@ def truth_section(diff_metrics: dict) -> str:
     """AP of every ranking under every ground-truth definition, with each set's size and
     the exact random expectation, and the ranks of the stage-wise ranking's true features."""
     definitions = diff_metrics.get("ground_truth_definitions", {})
-    methods = {m: s for m, s in diff_metrics["methods"].items() if "by_truth" in s and m != "crosscoder"}
+    methods = {m: s for m, s in diff_metrics["methods"].items()
+               if "by_truth" in s and m not in ("crosscoder", "diff_sae")}  # (those two: their own latents' truths)
     if not methods:
         return ""
     names = list(next(iter(methods.values()))["by_truth"])
