@@ -335,7 +335,8 @@ def test_new_methods_and_the_yardstick(pipeline):
                                  "diffmeans", "isaerft"}
     steer = json.loads((pipeline / "metrics/steer.json").read_text())
     assert yard["stagewise_min_k_ablate"] == steer["by_ranking"]["stagewise"]["min_k_backdoor_rate_le_0.05"]
-    assert yard["rows"]["adl_vector"]["induced_rate_top1"] == steer["induced_rate_adl_vector"]
+    induced = steer["induced_rate_adl_vector"]
+    assert yard["rows"]["adl_vector"]["induced_rate_top1"] == (None if induced != induced else induced)
     assert {"diff_sae", "adl", "adl_vector"} <= set(steer["by_ranking"])
     assert 'id="yardstick"' in (pipeline / "report/index.html").read_text()
 
