@@ -16,7 +16,7 @@ from matplotlib.ticker import FormatStrFormatter, NullLocator  # noqa: E402
 
 CHAIN_METHODS = ("stagewise", "data_only", "control")
 METHOD_LABELS = {"stagewise": "stage-wise (paper)", "data_only": "data-only baseline", "control": "clean control",
-                 "crosscoder": "crosscoder (latent scaling)", "diff_sae": "diff-SAE",
+                 "crosscoder": "crosscoder", "diff_sae": "diff-SAE",
                  "adl": "ADL (features by cos with the difference)", "adl_vector": "ADL vector",
                  "model_step_only": "main chain, 1 − x only",
                  "data_step_only": "main chain, 1 − y only", "stagewise_by_max": "stage-wise, 1 − max(x, y)",
