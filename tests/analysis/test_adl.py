@@ -68,3 +68,10 @@ def test_behaviour_tokens_are_the_most_over_represented_in_labelled_spans():
     labels = torch.tensor([0, 0, 3, 3, 3, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4])
     assert behaviour_tokens(tokens, labels, vocab=8, n=2) == [3, 5]
     assert behaviour_tokens(tokens, torch.zeros_like(labels), vocab=8, n=2) == []
+
+
+def test_behaviour_tokens_leave_out_the_ids_to_skip():
+    tokens = torch.tensor([3, 3, 3, 3, 3, 7, 7, 7, 7, 7, 1, 1])
+    labels = torch.tensor([3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 0, 0])
+    assert behaviour_tokens(tokens, labels, vocab=8, n=2) == [3, 7]
+    assert behaviour_tokens(tokens, labels, vocab=8, n=2, skip={7}) == [3]

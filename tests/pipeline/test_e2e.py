@@ -271,6 +271,7 @@ def test_validation_diff_and_report(pipeline):
     diff = json.loads((pipeline / "metrics/diff.json").read_text())
     assert DIFF_KEYS <= set(diff), DIFF_KEYS - set(diff)
     assert set(diff["methods"]) == {"stagewise", "data_only", "control", "adl", "crosscoder", "diff_sae",
+                                    "diff_sae_by_max_activation", "diff_sae_by_frequency",
                                     "model_step_only", "data_step_only", "stagewise_by_max"}  # micro ranks by sum
     for method, scores in diff["methods"].items():
         assert 0 < scores["n_alive"] <= 128 and 0 <= scores["base_rate"] <= 1, method

@@ -55,8 +55,11 @@ def test_headline_divides_by_the_exact_random_expectation():
 
     scores = {m: block(ap, 5 / 512) for m, ap in (("stagewise", 0.739), ("data_only", 0.12), ("control", 0.37),
                                                    ("crosscoder", 0.004), ("model_step_only", 0.4),
-                                                   ("data_step_only", 0.78), ("stagewise_by_max", 0.68))}
+                                                   ("data_step_only", 0.78), ("stagewise_by_max", 0.68),
+                                                   ("adl", 0.01), ("diff_sae", 0.03), ("diff_sae_by_frequency", 0.2))}
     out = headline(scores, "max_finals")
+    assert out["adl_ap"] == 0.01 and out["diff_sae_ap"] == 0.03 and out["diff_sae_by_frequency_ap"] == 0.2
+    assert out["adl_ap_truth_F_via_D"] == 0.005 and "diff_sae_ap_truth_F_via_D" not in out  # its own truths
     assert out["headline_truth"] == "max_finals" and out["stagewise_true_ranks"] == [1, 2, 3, 5, 20]
     assert out["stagewise_ap_truth_F_via_D"] == 0.739 / 2 and out["data_only_ap_truth_F_via_D"] == 0.06
     assert out["random_ap_truth_F_via_D"] == pytest.approx(random_ap(3, 512)) and out["n_selective_truth_F_via_D"] == 3

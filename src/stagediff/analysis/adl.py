@@ -70,17 +70,22 @@ def alignment_scores(directions: torch.Tensor, deltas: torch.Tensor) -> torch.Te
     return (d @ v.T).max(1).values.float()
 
 
-def behaviour_tokens(tokens: torch.Tensor, labels: torch.Tensor, vocab: int, n: int, min_count: int = 5) -> list[int]:
+def behaviour_tokens(tokens: torch.Tensor, labels: torch.Tensor, vocab: int, n: int, min_count: int = 5,
+                     skip: set[int] = frozenset()) -> list[int]:
     """The `n` token ids most over-represented in the behaviour's own text (labels 3, 4: the
     backdoor responses and labelled spans) relative to the whole stream: what a lens that
-    "reads the behaviour" should promote. Ids seen fewer than `min_count` times there are
-    skipped; empty without labelled spans."""
+    "reads the behaviour" should promote. Ids seen fewer than `min_count` times there, and
+    the ids in `skip` (whitespace: a lens promoting a space reads nothing), are left out;
+    empty without labelled spans."""
     spans = (labels == 3) | (labels == 4)
     if not spans.any():
         return []
     in_spans = torch.bincount(tokens[spans].long(), minlength=vocab).double()
     overall = torch.bincount(tokens.long(), minlength=vocab).double()
-    lift = torch.where(in_spans >= min_count, (in_spans / in_spans.sum()) / (overall / overall.sum()).clamp_min(1e-30),
+    keep = in_spans >= min_count
+    if skip:
+        keep[torch.tensor(sorted(skip), dtype=torch.long)] = False
+    lift = torch.where(keep, (in_spans / in_spans.sum()) / (overall / overall.sum()).clamp_min(1e-30),
                        torch.zeros_like(in_spans))
     top = lift.topk(min(n, int((lift > 0).sum()))).indices
     return sorted(top.tolist())

