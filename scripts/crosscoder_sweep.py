@@ -5,8 +5,8 @@
 
 `run` builds WORKSPACE like `scripts/seeds.py` on first use (point `dvc cache dir --local`
 at a finished pipeline's cache to skip the stages before the crosscoder), queues one
-experiment per point of the grid's cartesian product, `dvc exp run --queue -n cc-<i> -S ...
-diff` (the crosscoder, validation and diff stages rerun; the rest comes from the run cache),
+experiment per point of the grid's cartesian product, `dvc exp run --queue -n cc-<settings> -S
+... diff` (the crosscoder, validation and diff stages rerun; the rest comes from the run cache),
 and runs the queue.
 
 `choose` reads every finished `cc-*` experiment and picks one by the **rule**: among the
@@ -43,6 +43,12 @@ SHOWN = {  # column: (metrics file, key)
 def grid_points(grid: dict[str, list]) -> list[dict]:
     keys = list(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def point_name(point: dict) -> str:
+    """cc-<last key part><value>-...: a valid experiment name that says its settings."""
+    parts = [f"{k.split('.')[-1].replace('_', '')}{v}" for k, v in point.items()]
+    return "cc-" + "-".join(parts).replace(".", "p").replace("+", "").replace(" ", "")
 
 
 def score(exp: dict) -> tuple | None:
@@ -96,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.command == "run":
         seeds.ensure_workspace(args.workspace, [])
-        for i, point in enumerate(grid_points(json.loads(args.grid))):
-            seeds.queue(args.workspace, f"cc-{i}", [f"{k}={json.dumps(v)}" for k, v in point.items()], ["diff"])
+        for point in grid_points(json.loads(args.grid)):
+            seeds.queue(args.workspace, point_name(point), [f"{k}={json.dumps(v)}" for k, v in point.items()], ["diff"])
         seeds.start_and_wait(args.workspace, args.jobs, args.poll)
         return
     exps = [e for e in seeds.experiments(args.workspace) if e["name"].startswith("cc-")]

@@ -92,3 +92,4 @@ def test_crosscoder_sweep_rule_ignores_the_ground_truth():
     assert crosscoder_sweep.settings_of(exps[0], ["crosscoder.sae.k", "crosscoder.sae.d_sae"]) == {
         "crosscoder.sae.k": 1, "crosscoder.sae.d_sae": None}
     assert crosscoder_sweep.grid_points({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
+    assert crosscoder_sweep.point_name({"crosscoder.sae.k": 16, "crosscoder.train.lr": 0.003}) == "cc-k16-lr0p003"
