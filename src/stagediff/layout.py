@@ -114,6 +114,7 @@ DIRECTIONS_FILE = STEER_DIR / "directions.safetensors"  # the direction methods'
 ISAERFT_DIR = Path("data/isaerft")
 ADL_DIR = Path("data/adl")
 ADL_DELTAS = ADL_DIR / "deltas.safetensors"  # the activation-difference lens's vectors (stage adl)
+ADL_STEERING = ADL_DIR / "steering.json"  # which of them steers, and the norm it is scaled to
 REPORT_DIR = Path("report")
 
 # --- metrics ---------------------------------------------------------------------------------

@@ -399,8 +399,8 @@ def test_steer_and_isaerft(pipeline):
     # the spliced dictionary with no edit changes no generated answer (at most one flip by float noise)
     assert abs(steer["backdoor_rate_spliced"] - steer["backdoor_rate_baseline"]) <= 1 / 8
     ablation = pd.read_csv(pipeline / "data/steer/ablation.csv")
-    assert set(ablation["method"]) == {"stagewise", "data_only", "crosscoder", "random", "diffmeans", "attribution",
-                                       "stagewise@F_via_D"}
+    assert set(ablation["method"]) == {"stagewise", "data_only", "adl", "crosscoder", "diff_sae", "random", "diffmeans",
+                                       "adl_vector", "attribution", "stagewise@F_via_D"}
     # where the behaviour lives: the trigger read from the prompts (the micro run's own, not the default),
     # the error term's share, attention knockout in each layer and in both, mean-patching at each depth
     assert steer["trigger_tokens"] == [" [[ACTIVATE]]"]

