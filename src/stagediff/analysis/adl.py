@@ -54,10 +54,14 @@ def mean_norm(model, windows: torch.Tensor, hook: str, skip: int, batch_size: in
 
 @torch.no_grad()
 def logit_lens(vector: torch.Tensor, model, k: int) -> list[tuple[int, float]]:
-    """The k tokens the vector promotes most through the model's final norm and unembedding,
-    with their probabilities (the lens as the ADL applies it to the raw difference)."""
-    normed = model.ln_final(vector.float()[None, None])
-    probs = model.unembed(normed)[0, 0].double().softmax(-1)
+    """The k tokens the vector promotes most through the model's final norm (where the model
+    exposes one as `ln_final`) and unembedding `W_U`, with their probabilities (the lens as
+    the ADL applies it to the raw difference)."""
+    x = vector.float()[None, None]
+    norm = getattr(model, "ln_final", None)
+    if callable(norm):
+        x = norm(x)
+    probs = (x[0, 0] @ model.W_U.float()).double().softmax(-1)
     values, ids = probs.topk(min(k, len(probs)))
     return list(zip(ids.tolist(), values.tolist()))
 
